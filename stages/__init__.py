@@ -1,0 +1,1 @@
+"""DVC stages: each module reads its slice of params.yaml, calls flowmatch and writes its outputs."""

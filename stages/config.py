@@ -1,0 +1,364 @@
+"""Typed, validated parameters: params.yaml parsed once, before a stage does any work.
+
+Every check raises ``ParamError`` naming the key path, the bad value and what is
+accepted, so that a typo in ``dvc exp run -S`` fails in a second with one line.
+Unknown keys are rejected as well, because a misspelt key would otherwise be ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from flowmatch.schedules import SCHEDULE_NAMES, Schedule, get_schedule
+from stages.common import ParamError, StageError
+
+DATASETS = ("moons", "checkerboard", "eight_gaussians", "gaussian", "digits")
+TOY_DATASETS = ("moons", "checkerboard", "eight_gaussians")
+SOLVERS = ("euler", "midpoint", "heun", "rk4", "dopri5")
+
+
+class Section:
+    """A mapping from params.yaml with its key path, read through typed, checked getters."""
+
+    def __init__(self, raw: object, path: str, known: tuple[str, ...] | None = None):
+        if not isinstance(raw, dict):
+            raise ParamError(path, raw, "a mapping of keys to values")
+        self.raw = raw
+        self.path = path
+        if known is not None:
+            for key in raw:
+                if key not in known:
+                    raise ParamError(self.key(str(key)), raw[key], f"known keys of '{path}': {', '.join(known)}")
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def _get(self, name: str) -> object:
+        if name not in self.raw:
+            raise ParamError(self.key(name), None, "a value; the key is missing")
+        return self.raw[name]
+
+    def section(self, name: str, known: tuple[str, ...] | None = None) -> Section:
+        return Section(self._get(name), self.key(name), known)
+
+    def choice(self, name: str, accepted: tuple[str, ...]) -> str:
+        value = self._get(name)
+        if value not in accepted:
+            raise ParamError(self.key(name), value, ", ".join(accepted))
+        return value
+
+    def boolean(self, name: str) -> bool:
+        value = self._get(name)
+        if not isinstance(value, bool):
+            raise ParamError(self.key(name), value, "true or false")
+        return value
+
+    def string(self, name: str) -> str:
+        value = self._get(name)
+        if not isinstance(value, str) or not value:
+            raise ParamError(self.key(name), value, "a non-empty string")
+        return value
+
+    def integer(self, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
+        return _check_int(self._get(name), self.key(name), minimum, maximum)
+
+    def number(self, name: str, minimum: float | None = None, maximum: float | None = None, *, strict_min: bool = False, strict_max: bool = False) -> float:
+        return _check_number(self._get(name), self.key(name), minimum, maximum, strict_min, strict_max)
+
+    def int_list(self, name: str, minimum: int | None = None, maximum: int | None = None) -> tuple[int, ...]:
+        values = self._list(name)
+        return tuple(_check_int(v, f"{self.key(name)}[{i}]", minimum, maximum) for i, v in enumerate(values))
+
+    def number_list(self, name: str, minimum: float | None = None, maximum: float | None = None, *, strict_max: bool = False) -> tuple[float, ...]:
+        values = self._list(name)
+        return tuple(_check_number(v, f"{self.key(name)}[{i}]", minimum, maximum, False, strict_max) for i, v in enumerate(values))
+
+    def choice_list(self, name: str, accepted: tuple[str, ...]) -> tuple[str, ...]:
+        values = self._list(name)
+        for i, value in enumerate(values):
+            if value not in accepted:
+                raise ParamError(f"{self.key(name)}[{i}]", value, ", ".join(accepted))
+        if len(set(values)) != len(values):
+            raise ParamError(self.key(name), values, "a list without repeated names")
+        return tuple(values)
+
+    def _list(self, name: str) -> list:
+        value = self._get(name)
+        if not isinstance(value, list) or not value:
+            raise ParamError(self.key(name), value, "a non-empty list")
+        return value
+
+
+def _check_int(value: object, key: str, minimum: int | None, maximum: int | None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ParamError(key, value, _range_text("an integer", minimum, maximum))
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ParamError(key, value, _range_text("an integer", minimum, maximum))
+    return value
+
+
+def _check_number(value: object, key: str, minimum: float | None, maximum: float | None, strict_min: bool, strict_max: bool) -> float:
+    lower = "" if minimum is None else (f"> {minimum:g}" if strict_min else f">= {minimum:g}")
+    upper = "" if maximum is None else (f"< {maximum:g}" if strict_max else f"<= {maximum:g}")
+    accepted = "a finite number" + (f" {lower}" if lower else "") + (" and" if lower and upper else "") + (f" {upper}" if upper else "")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ParamError(key, value, accepted)
+    if minimum is not None and (value <= minimum if strict_min else value < minimum):
+        raise ParamError(key, value, accepted)
+    if maximum is not None and (value >= maximum if strict_max else value > maximum):
+        raise ParamError(key, value, accepted)
+    return float(value)
+
+
+def _range_text(kind: str, minimum: int | None, maximum: int | None) -> str:
+    if minimum is not None and maximum is not None:
+        return f"{kind} from {minimum} to {maximum}"
+    if minimum is not None:
+        return f"{kind} >= {minimum}"
+    if maximum is not None:
+        return f"{kind} <= {maximum}"
+    return kind
+
+
+@dataclass(frozen=True)
+class ScheduleParams:
+    name: str
+    polynomial_n: float
+    vp_beta_min: float
+    vp_beta_max: float
+
+    def build(self, name: str | None = None) -> Schedule:
+        """Return the schedule called ``name`` (default: the study's ``schedule``) with these parameters."""
+        return get_schedule(name or self.name, n=self.polynomial_n, beta_min=self.vp_beta_min, beta_max=self.vp_beta_max)
+
+
+def parse_schedule(root: Section) -> ScheduleParams:
+    name = root.choice("schedule", SCHEDULE_NAMES)
+    section = root.section("schedules", ("polynomial_n", "vp_beta_min", "vp_beta_max"))
+    n = section.number("polynomial_n", 1.0)
+    beta_min = section.number("vp_beta_min", 0.0, strict_min=True)
+    beta_max = section.number("vp_beta_max", 0.0, strict_min=True)
+    if beta_max <= beta_min:
+        raise ParamError(section.key("vp_beta_max"), beta_max, f"a number > schedules.vp_beta_min = {beta_min:g}")
+    return ScheduleParams(name, n, beta_min, beta_max)
+
+
+@dataclass(frozen=True)
+class DataParams:
+    n_train: int
+    n_test: int
+    moons_noise: float
+    checkerboard_scale: float
+    eight_gaussians_radius: float
+    eight_gaussians_std: float
+    gaussian_dim: int
+    digits_test_fraction: float
+
+
+def parse_data(root: Section) -> DataParams:
+    s = root.section("data", tuple(DataParams.__dataclass_fields__))
+    return DataParams(
+        n_train=s.integer("n_train", 2),
+        n_test=s.integer("n_test", 2),
+        moons_noise=s.number("moons_noise", 0.0),
+        checkerboard_scale=s.number("checkerboard_scale", 0.0, strict_min=True),
+        eight_gaussians_radius=s.number("eight_gaussians_radius", 0.0, strict_min=True),
+        eight_gaussians_std=s.number("eight_gaussians_std", 0.0, strict_min=True),
+        gaussian_dim=s.integer("gaussian_dim", 1, 4096),
+        digits_test_fraction=s.number("digits_test_fraction", 0.0, 1.0, strict_min=True, strict_max=True),
+    )
+
+
+@dataclass(frozen=True)
+class NoiseSequenceParams:
+    image: str
+    size: int
+    t_example: float
+    steps: int
+    seed: int
+
+
+def parse_noise_sequence(root: Section) -> NoiseSequenceParams:
+    s = root.section("noise_sequence", tuple(NoiseSequenceParams.__dataclass_fields__))
+    return NoiseSequenceParams(
+        image=s.string("image"),
+        size=s.integer("size", 16, 2048),
+        t_example=s.number("t_example", 0.0, 1.0, strict_min=True, strict_max=True),
+        steps=s.integer("steps", 2, 64),
+        seed=s.integer("seed", 0),
+    )
+
+
+@dataclass(frozen=True)
+class SinglePointParams:
+    d: int
+    n_samples: int
+    t_grid: tuple[float, ...]
+    steps: tuple[int, ...]
+    solvers: tuple[str, ...]
+    n_trajectories: int
+
+
+def parse_single_point(root: Section) -> SinglePointParams:
+    s = root.section("single_point", tuple(SinglePointParams.__dataclass_fields__))
+    return SinglePointParams(
+        d=s.integer("d", 1, 100_000),
+        n_samples=s.integer("n_samples", 2),
+        t_grid=s.number_list("t_grid", 0.0, 1.0, strict_max=True),
+        steps=s.int_list("steps", 1),
+        solvers=s.choice_list("solvers", SOLVERS),
+        n_trajectories=s.integer("n_trajectories", 1),
+    )
+
+
+@dataclass(frozen=True)
+class MarginalFlowParams:
+    dataset: str
+    n_points: int
+    n_samples: int
+    solver: str
+    steps: int
+    t_grid: tuple[float, ...]
+    radius: float
+
+
+def parse_marginal_flow(root: Section) -> MarginalFlowParams:
+    s = root.section("marginal_flow", tuple(MarginalFlowParams.__dataclass_fields__))
+    return MarginalFlowParams(
+        dataset=s.choice("dataset", TOY_DATASETS),
+        n_points=s.integer("n_points", 1),
+        n_samples=s.integer("n_samples", 1),
+        solver=s.choice("solver", SOLVERS),
+        steps=s.integer("steps", 1),
+        t_grid=s.number_list("t_grid", 0.0, 1.0, strict_max=True),
+        radius=s.number("radius", 0.0, strict_min=True),
+    )
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    steps: int
+    batch_size: int
+    lr: float
+    hidden: int
+    layers: int
+    ema_decay: float
+    warmup_steps: int
+    grad_clip: float
+    device: str
+    precision: str
+    compile: bool
+    time_sampling: str
+    logit_normal_loc: float
+    logit_normal_scale: float
+    coupling: str
+    checkpoint_every: int
+    nproc: int
+
+
+def parse_train(root: Section) -> TrainParams:
+    s = root.section("train", tuple(TrainParams.__dataclass_fields__))
+    return TrainParams(
+        steps=s.integer("steps", 1),
+        batch_size=s.integer("batch_size", 1),
+        lr=s.number("lr", 0.0, strict_min=True),
+        hidden=s.integer("hidden", 1),
+        layers=s.integer("layers", 1),
+        ema_decay=s.number("ema_decay", 0.0, 1.0, strict_max=True),
+        warmup_steps=s.integer("warmup_steps", 0),
+        grad_clip=s.number("grad_clip", 0.0),
+        device=s.choice("device", ("auto", "cpu", "cuda")),
+        precision=s.choice("precision", ("fp32", "bf16")),
+        compile=s.boolean("compile"),
+        time_sampling=s.choice("time_sampling", ("uniform", "logit_normal")),
+        logit_normal_loc=s.number("logit_normal_loc"),
+        logit_normal_scale=s.number("logit_normal_scale", 0.0, strict_min=True),
+        coupling=s.choice("coupling", ("independent", "minibatch_ot")),
+        checkpoint_every=s.integer("checkpoint_every", 1),
+        nproc=s.integer("nproc", 1),
+    )
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    schedule: str | None
+    solvers: tuple[str, ...]
+    nfe: tuple[int, ...]
+    n_samples: int
+    seed: int
+
+
+def parse_sample(root: Section) -> SampleParams:
+    s = root.section("sample", tuple(SampleParams.__dataclass_fields__))
+    schedule = s.raw.get("schedule")
+    if schedule is not None:
+        schedule = s.choice("schedule", SCHEDULE_NAMES)
+    return SampleParams(
+        schedule=schedule,
+        solvers=s.choice_list("solvers", SOLVERS),
+        nfe=s.int_list("nfe", 1),
+        n_samples=s.integer("n_samples", 2),
+        seed=s.integer("seed", 0),
+    )
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    n_eval: int
+    floor_seeds: int
+
+
+def parse_evaluate(root: Section) -> EvaluateParams:
+    s = root.section("evaluate", tuple(EvaluateParams.__dataclass_fields__))
+    return EvaluateParams(n_eval=s.integer("n_eval", 2), floor_seeds=s.integer("floor_seeds", 2))
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    schedule: ScheduleParams
+    data: DataParams
+    noise_sequence: NoiseSequenceParams
+    single_point: SinglePointParams
+    marginal_flow: MarginalFlowParams
+    train: TrainParams
+    sample: SampleParams
+    evaluate: EvaluateParams
+
+
+TOP_LEVEL_KEYS = ("seed", "schedule", "schedules", "data", "noise_sequence", "single_point", "marginal_flow", "train", "sample", "evaluate")
+
+
+def parse_params(raw: object) -> Params:
+    """Validate a parsed params.yaml mapping and return it as typed sections."""
+    root = Section(raw, "", TOP_LEVEL_KEYS)
+    return Params(
+        seed=root.integer("seed", 0, 2**32 - 1),
+        schedule=parse_schedule(root),
+        data=parse_data(root),
+        noise_sequence=parse_noise_sequence(root),
+        single_point=parse_single_point(root),
+        marginal_flow=parse_marginal_flow(root),
+        train=parse_train(root),
+        sample=parse_sample(root),
+        evaluate=parse_evaluate(root),
+    )
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``path``; raise ``StageError`` when it is missing or not YAML."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise StageError(f"{path}: cannot read the parameter file ({error.strerror})") from error
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        message = " ".join(str(error).split())
+        raise StageError(f"{path}: not valid YAML ({message})") from error
+    return parse_params(raw)
