@@ -5,11 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# DVC must not reach for a host: no usage analytics, no update check.
+# DVC must not reach for a host: no usage analytics (the update check is off in .dvc/config).
 export DVC_NO_ANALYTICS := 1
-export DVC_NO_UPDATER := 1
+# Stage commands in dvc.yaml call `python`: make it the project's environment.
+export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test venv
+.PHONY: repro test venv metrics-check compare
 
 venv: $(STAMP)
 
@@ -26,3 +27,14 @@ repro: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The metrics regression gate: fails and lists every metric in reports/metrics/ that got
+# worse than at HEAD beyond its tolerance in metrics_tolerances.yaml.
+metrics-check: $(STAMP)
+	$(BIN)/python tools/metrics_check.py
+
+# Writes reports/comparison.md and reports/figures/comparison_quality_vs_nfe.png from
+# `dvc exp show --json`: the parameters that differ between experiments, headline
+# metrics and quality against NFE.
+compare: $(STAMP)
+	$(BIN)/python tools/compare.py

@@ -77,13 +77,11 @@ class CosineSchedule(Schedule):
     variance_preserving = True
 
     def _values(self, t):
-        angle = 0.5 * math.pi * t
-        return ScheduleValues(
-            alpha=torch.sin(angle),
-            beta=torch.cos(angle),
-            d_alpha=0.5 * math.pi * torch.cos(angle),
-            d_beta=-0.5 * math.pi * torch.sin(angle),
-        )
+        # cos(pi / 2) rounds to 6e-17 in float64 and -4e-8 in float32, so beta is computed
+        # as sin(pi (1 - t) / 2), which is exactly 0 at t = 1 and exactly 1 at t = 0.
+        alpha = torch.sin(0.5 * math.pi * t)
+        beta = torch.sin(0.5 * math.pi * (1 - t))
+        return ScheduleValues(alpha=alpha, beta=beta, d_alpha=0.5 * math.pi * beta, d_beta=-0.5 * math.pi * alpha)
 
 
 class PolynomialSchedule(Schedule):

@@ -2,6 +2,9 @@
 
 Every output is written to a temporary file in the same directory and renamed into
 place, so a stage killed at any moment leaves either the previous file or none.
+SIGTERM ends a stage through its ``finally`` blocks, which delete the temporary file.
+A temporary file left by SIGKILL is deleted when the next stage starts (its name holds
+the writer's process id) and is listed in .dvcignore, so DVC never hashes it.
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ import json
 import logging
 import os
 import random
+import re
+import signal
 import sys
+import threading
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +27,10 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger("flowmatch")
+
+# Read once at import: os.umask can only be read by setting it.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 class StageError(Exception):
@@ -41,16 +51,76 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived; a ``BaseException`` so that no ``except Exception`` in a stage swallows it."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+def _raise_terminated(signum: int, frame) -> None:
+    raise Terminated(signum)
+
+
 def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's ``main`` and turn a ``StageError`` into one line on stderr and exit code 2."""
+    """Run a stage's ``main`` and turn a ``StageError`` into one line on stderr and exit code 2.
+
+    SIGTERM raises ``Terminated`` inside ``main``, so that ``atomic_path`` deletes the
+    temporary file it was writing; the stage then exits with code 128 + 15.
+    """
     setup_logging()
+    remove_stale_temporaries()
     start = time.perf_counter()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         main()
     except StageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except Terminated as terminated:
+        print(f"error: stopped by {terminated}; outputs written so far are complete, the others are unchanged", file=sys.stderr)
+        sys.exit(128 + terminated.signum)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     log.info("finished in %.1f s", time.perf_counter() - start)
+
+
+# The temporary names of atomic_path: ".STEM.PID.RANDOM.tmpSUFFIX", RANDOM as tempfile.mkstemp makes it.
+TEMPORARY_NAME = re.compile(r"^\..+\.(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp(\.[^./]*)?$")
+OUTPUT_ROOTS = ("data", "reports")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(roots: tuple[str, ...] = OUTPUT_ROOTS) -> list[Path]:
+    """Delete the temporary files under ``roots`` whose writing process no longer runs; return them.
+
+    Such files are left by a stage killed with SIGKILL. Files of a running process (another
+    stage in the same checkout) are kept.
+    """
+    removed = []
+    for root in map(Path, roots):
+        if not root.is_dir():
+            continue
+        for path in root.rglob(".*.tmp*"):
+            match = TEMPORARY_NAME.match(path.name)
+            if match and path.is_file() and not _process_exists(int(match["pid"])):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    if removed:
+        log.info("removed %d temporary files left by stopped stages: %s", len(removed), ", ".join(map(str, removed)))
+    return removed
 
 
 @contextlib.contextmanager
@@ -63,11 +133,13 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix if suffix is None else suffix
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.{os.getpid()}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(handle)
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # mkstemp creates the file as 0600; give the output the usual permissions instead.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -103,8 +175,11 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
 def save_torch(path: str | os.PathLike, obj: object) -> None:
     import torch
 
+    # torch.save names the archive's top folder after a file path it is given, which would
+    # put the random temporary name into the bytes; an open file gets the fixed name "archive".
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> None:

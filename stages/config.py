@@ -8,7 +8,7 @@ Unknown keys are rejected as well, because a misspelt key would otherwise be ign
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -26,13 +26,14 @@ class Section:
 
     def __init__(self, raw: object, path: str, known: tuple[str, ...] | None = None):
         if not isinstance(raw, dict):
-            raise ParamError(path, raw, "a mapping of keys to values")
+            raise ParamError(path or "(top level)", raw, "a mapping of keys to values")
         self.raw = raw
         self.path = path
         if known is not None:
             for key in raw:
                 if key not in known:
-                    raise ParamError(self.key(str(key)), raw[key], f"known keys of '{path}': {', '.join(known)}")
+                    where = f"'{path}'" if path else "the top level"
+                    raise ParamError(self.key(str(key)), raw[key], f"known keys of {where}: {', '.join(known)}")
 
     def key(self, name: str) -> str:
         return f"{self.path}.{name}" if self.path else name
@@ -149,11 +150,12 @@ def parse_schedule(root: Section) -> ScheduleParams:
 
 @dataclass(frozen=True)
 class DataParams:
+    """Sizes and shapes of the prepared sets; toy shape parameters are in units of the raw layout."""
+
     n_train: int
     n_test: int
     moons_noise: float
-    checkerboard_scale: float
-    eight_gaussians_radius: float
+    checkerboard_cells: int
     eight_gaussians_std: float
     gaussian_dim: int
     digits_test_fraction: float
@@ -165,8 +167,7 @@ def parse_data(root: Section) -> DataParams:
         n_train=s.integer("n_train", 2),
         n_test=s.integer("n_test", 2),
         moons_noise=s.number("moons_noise", 0.0),
-        checkerboard_scale=s.number("checkerboard_scale", 0.0, strict_min=True),
-        eight_gaussians_radius=s.number("eight_gaussians_radius", 0.0, strict_min=True),
+        checkerboard_cells=s.integer("checkerboard_cells", 2, 64),
         eight_gaussians_std=s.number("eight_gaussians_std", 0.0, strict_min=True),
         gaussian_dim=s.integer("gaussian_dim", 1, 4096),
         digits_test_fraction=s.number("digits_test_fraction", 0.0, 1.0, strict_min=True, strict_max=True),
@@ -175,6 +176,12 @@ def parse_data(root: Section) -> DataParams:
 
 @dataclass(frozen=True)
 class NoiseSequenceParams:
+    """The intuition figures: ``image`` ('chelsea' or a file path) cropped and resized to ``size`` pixels square.
+
+    ``x_t`` is shown at ``t_example``, the strip and the step-wise path use ``steps`` equal
+    steps of t, and ``seed`` draws the noise ``eps``.
+    """
+
     image: str
     size: int
     t_example: float
@@ -195,57 +202,109 @@ def parse_noise_sequence(root: Section) -> NoiseSequenceParams:
 
 @dataclass(frozen=True)
 class SinglePointParams:
+    """The single-data-point checks: ``z`` has norm ``z_norm`` and a direction drawn with ``seed``.
+
+    ``n_samples`` draws of ``X_t`` per time check its moments; ``n_endpoints`` noise draws
+    are carried to ``z`` by each solver, fixed-step ones with each of ``steps``, dopri5
+    with each of ``tolerances`` (``atol = rtol``). ``d`` is capped at 1024 because the
+    check forms the ``d x d`` sample covariance.
+    """
+
     d: int
+    z_norm: float
     n_samples: int
     t_grid: tuple[float, ...]
+    n_endpoints: int
     steps: tuple[int, ...]
     solvers: tuple[str, ...]
+    tolerances: tuple[float, ...]
     n_trajectories: int
 
 
 def parse_single_point(root: Section) -> SinglePointParams:
     s = root.section("single_point", tuple(SinglePointParams.__dataclass_fields__))
     return SinglePointParams(
-        d=s.integer("d", 1, 100_000),
+        d=s.integer("d", 1, 1024),
+        z_norm=s.number("z_norm", 0.0),
         n_samples=s.integer("n_samples", 2),
         t_grid=s.number_list("t_grid", 0.0, 1.0, strict_max=True),
-        steps=s.int_list("steps", 1),
+        n_endpoints=s.integer("n_endpoints", 1),
+        steps=s.int_list("steps", 1, 100_000),
         solvers=s.choice_list("solvers", SOLVERS),
+        tolerances=s.number_list("tolerances", 1e-12, 1.0),
         n_trajectories=s.integer("n_trajectories", 1),
     )
 
 
 @dataclass(frozen=True)
 class MarginalFlowParams:
+    """The marginal-flow checks: exact flow on ``n_points`` of ``dataset``, the Gaussian case, continuity.
+
+    ``steps`` applies to a fixed-step ``solver`` and ``tolerance`` (``atol = rtol``) to dopri5.
+    ``mc_*`` set the Monte Carlo check of the Gaussian marginal velocity (sample counts
+    ``m``, query points per time, times) and ``continuity_*`` the finite-difference check.
+    """
+
     dataset: str
     n_points: int
     n_samples: int
     solver: str
     steps: int
+    tolerance: float
     t_grid: tuple[float, ...]
     radius: float
+    mc_sizes: tuple[int, ...]
+    mc_n_query: int
+    mc_t_grid: tuple[float, ...]
+    continuity_t_grid: tuple[float, ...]
+    continuity_spacings: tuple[float, ...]
 
 
 def parse_marginal_flow(root: Section) -> MarginalFlowParams:
     s = root.section("marginal_flow", tuple(MarginalFlowParams.__dataclass_fields__))
-    return MarginalFlowParams(
+    params = MarginalFlowParams(
         dataset=s.choice("dataset", TOY_DATASETS),
         n_points=s.integer("n_points", 1),
-        n_samples=s.integer("n_samples", 1),
+        n_samples=s.integer("n_samples", 2),
         solver=s.choice("solver", SOLVERS),
-        steps=s.integer("steps", 1),
+        steps=s.integer("steps", 1, 100_000),
+        tolerance=s.number("tolerance", 1e-12, 1.0),
         t_grid=s.number_list("t_grid", 0.0, 1.0, strict_max=True),
         radius=s.number("radius", 0.0, strict_min=True),
+        mc_sizes=s.int_list("mc_sizes", 2, 10_000_000),
+        mc_n_query=s.integer("mc_n_query", 1),
+        mc_t_grid=s.number_list("mc_t_grid", 0.0, 1.0, strict_max=True),
+        continuity_t_grid=s.number_list("continuity_t_grid", 0.0, 1.0, strict_max=True),
+        continuity_spacings=s.number_list("continuity_spacings", 0.0, 0.5, strict_max=True),
     )
+    # Central differences in time evaluate p at t - h and t + h, both inside (0, 1).
+    widest = max(params.continuity_spacings)
+    for i, t in enumerate(params.continuity_t_grid):
+        if not widest < t < 1 - widest:
+            raise ParamError(s.key(f"continuity_t_grid[{i}]"), t, f"a number > {widest:g} and < {1 - widest:g} (the largest continuity_spacings and 1 minus it)")
+    for i, h in enumerate(params.continuity_spacings):
+        if h <= 0:
+            raise ParamError(s.key(f"continuity_spacings[{i}]"), h, "a number > 0 and < 0.5")
+    return params
 
 
 @dataclass(frozen=True)
 class TrainParams:
+    """Conditional flow matching training of one data set's velocity model.
+
+    ``model`` is ``mlp`` (``hidden`` width, ``layers`` hidden layers) or ``unet``
+    (``channels`` base channels, image data only). ``overrides`` maps a data set name to
+    its fully resolved parameters, for data sets whose ``train.overrides.NAME`` mapping
+    replaces some of the keys; ``for_dataset`` picks the right one.
+    """
+
     steps: int
     batch_size: int
     lr: float
+    model: str
     hidden: int
     layers: int
+    channels: int
     ema_decay: float
     warmup_steps: int
     grad_clip: float
@@ -257,19 +316,52 @@ class TrainParams:
     logit_normal_scale: float
     coupling: str
     checkpoint_every: int
+    log_every: int
+    threads: int
     nproc: int
+    overrides: dict = field(default_factory=dict, compare=False)
+
+    def for_dataset(self, name: str) -> TrainParams:
+        """Return the parameters for data set ``name``, with its overrides applied."""
+        return self.overrides.get(name, self)
 
 
-def parse_train(root: Section) -> TrainParams:
-    s = root.section("train", tuple(TrainParams.__dataclass_fields__))
-    return TrainParams(
-        steps=s.integer("steps", 1),
-        batch_size=s.integer("batch_size", 1),
+# Every key but these may be overridden per data set: the process count is one
+# launch for the whole stage.
+TRAIN_NOT_OVERRIDABLE = ("nproc", "overrides")
+
+
+class _OverlaySection(Section):
+    """The keys of ``overlay`` on top of those of ``base``; errors name the key where its value came from."""
+
+    def __init__(self, base: Section, overlay: Section):
+        self.raw = {**base.raw, **overlay.raw}
+        self.path = base.path
+        self.base = base
+        self.overlay = overlay
+
+    def key(self, name: str) -> str:
+        return self.overlay.key(name) if name in self.overlay.raw else self.base.key(name)
+
+
+def _parse_train_fields(s: Section, nproc: int) -> dict:
+    steps = s.integer("steps", 1)
+    batch_size = s.integer("batch_size", 1)
+    if batch_size % nproc:
+        raise ParamError(s.key("batch_size"), batch_size, f"a multiple of train.nproc = {nproc} (each process takes an equal share)")
+    warmup_steps = s.integer("warmup_steps", 0)
+    if warmup_steps > steps:
+        raise ParamError(s.key("warmup_steps"), warmup_steps, f"an integer from 0 to train.steps = {steps}")
+    return dict(
+        steps=steps,
+        batch_size=batch_size,
         lr=s.number("lr", 0.0, strict_min=True),
+        model=s.choice("model", ("mlp", "unet")),
         hidden=s.integer("hidden", 1),
         layers=s.integer("layers", 1),
+        channels=s.integer("channels", 1),
         ema_decay=s.number("ema_decay", 0.0, 1.0, strict_max=True),
-        warmup_steps=s.integer("warmup_steps", 0),
+        warmup_steps=warmup_steps,
         grad_clip=s.number("grad_clip", 0.0),
         device=s.choice("device", ("auto", "cpu", "cuda")),
         precision=s.choice("precision", ("fp32", "bf16")),
@@ -279,17 +371,42 @@ def parse_train(root: Section) -> TrainParams:
         logit_normal_scale=s.number("logit_normal_scale", 0.0, strict_min=True),
         coupling=s.choice("coupling", ("independent", "minibatch_ot")),
         checkpoint_every=s.integer("checkpoint_every", 1),
-        nproc=s.integer("nproc", 1),
+        log_every=s.integer("log_every", 1),
+        threads=s.integer("threads", 0),
     )
+
+
+def parse_train(root: Section) -> TrainParams:
+    s = root.section("train", tuple(TrainParams.__dataclass_fields__))
+    nproc = s.integer("nproc", 1)
+    base = _parse_train_fields(s, nproc)
+
+    overrides = {}
+    if s.raw.get("overrides") is not None:
+        table = s.section("overrides", DATASETS)
+        overridable = tuple(name for name in TrainParams.__dataclass_fields__ if name not in TRAIN_NOT_OVERRIDABLE)
+        for name in table.raw:
+            overlay = table.section(name, overridable)
+            overrides[name] = TrainParams(**_parse_train_fields(_OverlaySection(s, overlay), nproc), nproc=nproc)
+    return TrainParams(**base, nproc=nproc, overrides=overrides)
 
 
 @dataclass(frozen=True)
 class SampleParams:
+    """ODE sampling of the trained models at several solvers and NFE budgets.
+
+    ``schedule`` is ``None`` to sample along the training schedule, or a schedule name to
+    sample along that one through a change of schedule. ``dopri5_tolerances`` are the
+    ``atol = rtol`` values that dopri5 tries for its NFE budgets.
+    """
+
     schedule: str | None
     solvers: tuple[str, ...]
     nfe: tuple[int, ...]
+    dopri5_tolerances: tuple[float, ...]
     n_samples: int
     seed: int
+    threads: int
 
 
 def parse_sample(root: Section) -> SampleParams:
@@ -297,12 +414,17 @@ def parse_sample(root: Section) -> SampleParams:
     schedule = s.raw.get("schedule")
     if schedule is not None:
         schedule = s.choice("schedule", SCHEDULE_NAMES)
+    nfe = s.int_list("nfe", 1, 100_000)
+    if len(set(nfe)) != len(nfe):
+        raise ParamError(s.key("nfe"), list(nfe), "a list of NFE budgets without repeats")
     return SampleParams(
         schedule=schedule,
         solvers=s.choice_list("solvers", SOLVERS),
-        nfe=s.int_list("nfe", 1),
-        n_samples=s.integer("n_samples", 2),
+        nfe=nfe,
+        dopri5_tolerances=s.number_list("dopri5_tolerances", 1e-10, 1.0),
+        n_samples=s.integer("n_samples", 1),
         seed=s.integer("seed", 0),
+        threads=s.integer("threads", 0),
     )
 
 
@@ -318,6 +440,28 @@ def parse_evaluate(root: Section) -> EvaluateParams:
 
 
 @dataclass(frozen=True)
+class ClassifierParams:
+    """Training of the digits classifier whose features and predictions score generated digits."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    features: int
+    min_accuracy: float
+
+
+def parse_classifier(root: Section) -> ClassifierParams:
+    s = root.section("classifier", tuple(ClassifierParams.__dataclass_fields__))
+    return ClassifierParams(
+        epochs=s.integer("epochs", 1),
+        batch_size=s.integer("batch_size", 1),
+        lr=s.number("lr", 0.0, strict_min=True),
+        features=s.integer("features", 2),
+        min_accuracy=s.number("min_accuracy", 0.0, 1.0),
+    )
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int
     schedule: ScheduleParams
@@ -328,9 +472,10 @@ class Params:
     train: TrainParams
     sample: SampleParams
     evaluate: EvaluateParams
+    classifier: ClassifierParams
 
 
-TOP_LEVEL_KEYS = ("seed", "schedule", "schedules", "data", "noise_sequence", "single_point", "marginal_flow", "train", "sample", "evaluate")
+TOP_LEVEL_KEYS = ("seed", "schedule", "schedules", "data", "noise_sequence", "single_point", "marginal_flow", "train", "sample", "evaluate", "classifier")
 
 
 def parse_params(raw: object) -> Params:
@@ -346,6 +491,7 @@ def parse_params(raw: object) -> Params:
         train=parse_train(root),
         sample=parse_sample(root),
         evaluate=parse_evaluate(root),
+        classifier=parse_classifier(root),
     )
 
 
@@ -356,6 +502,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise StageError(f"{path}: cannot read the parameter file ({error.strerror})") from error
+    except UnicodeDecodeError as error:
+        raise StageError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from error
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:

@@ -1,0 +1,185 @@
+"""Stage marginal_flow on tiny parameters and tiny prepared data in a temporary directory."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from flowmatch.schedules import SCHEDULE_NAMES
+from stages import marginal_flow
+from stages.common import run_stage
+
+REPO = Path(__file__).resolve().parents[1]
+FIGURES = ("landing.png", "velocity_density.png", "gaussian_mc.png", "gaussian_flow.png", "continuity.png")
+
+TINY = {
+    "dataset": "moons",
+    "n_points": 16,
+    "n_samples": 128,
+    "solver": "dopri5",
+    "steps": 20,
+    "tolerance": 1.0e-5,
+    "t_grid": [0.5, 0.99],
+    "radius": 0.01,
+    "mc_sizes": [200, 800, 3200],
+    "mc_n_query": 24,
+    "mc_t_grid": [0.5],
+    "continuity_t_grid": [0.5],
+    "continuity_spacings": [0.1, 0.05, 0.025],
+}
+
+
+def write_params(directory: Path, schedule: str = "cosine", **overrides) -> None:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["schedule"] = schedule
+    raw["marginal_flow"] = {**TINY, **overrides}
+    (directory / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def write_prepared(directory: Path) -> None:
+    """Write a small two-cluster toy set as moons.npz and a 2-D Gaussian as gaussian.npz."""
+    rng = np.random.default_rng(0)
+    prepared = directory / "data/prepared"
+    prepared.mkdir(parents=True)
+
+    def toy(n):
+        centres = rng.choice(np.array([[-1.0, 0.0], [1.0, 0.5]]), size=n)
+        return (centres + 0.3 * rng.standard_normal((n, 2))).astype(np.float32)
+
+    np.savez(prepared / "moons.npz", train=toy(64), test=toy(256))
+    mean = np.array([0.3, -0.2])
+    cov = np.array([[0.8, -0.3], [-0.3, 0.4]])
+    samples = rng.multivariate_normal(mean, cov, size=64).astype(np.float32)
+    np.savez(prepared / "gaussian.npz", train=samples, test=samples, mean=mean, cov=cov)
+
+
+@pytest.fixture()
+def in_tmp(tmp_path, monkeypatch):
+    """Run in a directory with tiny prepared data; restore PyTorch's thread count, which the stage lowers."""
+    threads = torch.get_num_threads()
+    write_prepared(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def stage_run(tmp_path_factory):
+    """Return a function that runs the stage once per (schedule, overrides) in its own directory and returns it."""
+    directories = {}
+
+    def run(schedule: str, **overrides) -> Path:
+        key = (schedule, tuple(sorted((k, str(v)) for k, v in overrides.items())))
+        if key not in directories:
+            directory = tmp_path_factory.mktemp(f"marginal_flow_{schedule}")
+            write_prepared(directory)
+            write_params(directory, schedule, **overrides)
+            threads, cwd = torch.get_num_threads(), os.getcwd()
+            os.chdir(directory)
+            try:
+                marginal_flow.main()
+            finally:
+                os.chdir(cwd)
+                torch.set_num_threads(threads)
+            directories[key] = directory
+        return directories[key]
+
+    return run
+
+
+def read_metrics(directory: Path) -> dict:
+    text = (directory / "reports/metrics/marginal_flow.json").read_text()
+    return json.loads(text, parse_constant=lambda token: pytest.fail(f"metrics contain {token}"))
+
+
+@pytest.mark.parametrize("schedule", SCHEDULE_NAMES)
+def test_exact_flow_memorises(stage_run, schedule):
+    memorisation = read_metrics(stage_run(schedule))["memorisation"]
+
+    assert memorisation["fraction_within_radius"] > 0.95
+    assert memorisation["test_fraction_within_radius"] < 0.2
+
+
+@pytest.mark.parametrize("schedule", SCHEDULE_NAMES)
+def test_monte_carlo_within_noise(stage_run, schedule):
+    mc = read_metrics(stage_run(schedule))["gaussian_mc"]
+
+    assert 0.5 < mc["z_rms"] < 1.6
+    assert mc["z_max"] < 5
+    assert mc["error_slope"] == pytest.approx(-0.5, abs=0.2)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULE_NAMES)
+def test_gaussian_flow_matches_moments(stage_run, schedule):
+    flow = read_metrics(stage_run(schedule))["gaussian_flow"]
+
+    assert flow["mean_error_max_se"] < 4
+    assert flow["cov_error_max_se"] < 4
+    assert flow["solver_error_rms"] < 1e-3
+
+
+@pytest.mark.parametrize("schedule", SCHEDULE_NAMES)
+def test_continuity_residual_converges(stage_run, schedule):
+    continuity = read_metrics(stage_run(schedule))["continuity"]
+
+    assert continuity["residual_1d"] < 0.05
+    assert continuity["residual_2d"] < 0.05
+    assert continuity["order_1d"] == pytest.approx(2.0, abs=0.3)
+    assert continuity["order_2d"] == pytest.approx(2.0, abs=0.3)
+
+
+def test_stage_writes_plots_and_figures(stage_run):
+    directory = stage_run("cosine")
+
+    mc = pd.read_csv(directory / "reports/plots/marginal_mc_convergence.csv")
+    assert sorted(mc.m.unique().tolist()) == TINY["mc_sizes"]
+    continuity = pd.read_csv(directory / "reports/plots/marginal_continuity.csv")
+    assert list(continuity.columns) == ["dim", "t", "h", "relative_residual"]
+    assert len(continuity) == 2 * len(TINY["continuity_spacings"])
+
+    for name in FIGURES:
+        with Image.open(directory / "reports/figures/marginal" / name) as image:
+            assert image.width >= 600, name
+
+
+def test_fixed_step_solver_runs(stage_run):
+    memorisation = read_metrics(stage_run("cosine", solver="rk4", steps=40))["memorisation"]
+
+    assert memorisation["fraction_within_radius"] > 0.5
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("dataset", "digits"), ("mc_sizes", [1]), ("continuity_t_grid", [0.05]), ("radius", 0)],
+)
+def test_bad_param_exits_two(in_tmp, capsys, key, value):
+    write_params(in_tmp, **{key: value})
+
+    with pytest.raises(SystemExit) as caught:
+        run_stage(marginal_flow.main)
+
+    error = capsys.readouterr().err
+    assert caught.value.code == 2
+    assert len(error.strip().splitlines()) == 1
+    assert f"marginal_flow.{key}" in error
+    assert not (in_tmp / "reports").exists()
+
+
+def test_missing_data_exits_two(tmp_path, monkeypatch, capsys):
+    write_params(tmp_path)
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(SystemExit) as caught:
+        run_stage(marginal_flow.main)
+
+    assert caught.value.code == 2
+    assert "moons.npz" in capsys.readouterr().err
+    assert not (tmp_path / "reports").exists()
