@@ -229,7 +229,7 @@ class Trainer:
 
     ``model`` is the plain module. ``forward`` is what computes the output: the
     module itself, or its DistributedDataParallel and/or ``torch.compile`` wrapper.
-    With several processes every rank holds a ``Trainer``. ``step`` averages the loss
+    With several processes every rank has its own ``Trainer``. ``step`` averages the loss
     over ranks (an all-reduce) before it checks that the loss is finite, so all ranks
     stop together.
     """
@@ -263,7 +263,7 @@ class Trainer:
         Raises ``NonFiniteLossError`` if the loss is NaN or infinite, and
         ``NonFiniteGradientError`` if the norm of its gradient is, both before any
         parameter changes. DDP averages the gradients during ``backward``, so every rank
-        sees the same norm and all ranks stop together.
+        computes the same norm and all ranks stop together.
         """
         settings = self.settings
         generator = step_generator(self.seed, self.rank, self.step_count, self.device)

@@ -67,7 +67,8 @@ def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's ``main`` and turn a ``StageError`` into one line on stderr and exit code 2.
 
     SIGTERM raises ``Terminated`` inside ``main``, so that ``atomic_path`` deletes the
-    temporary file it was writing; the stage then exits with code 128 + 15.
+    temporary file it was writing, and the stage exits with code 128 + 15. SIGINT
+    (Ctrl-C) does the same through ``KeyboardInterrupt`` and exits with 128 + 2.
     """
     setup_logging()
     remove_stale_temporaries()
@@ -77,11 +78,15 @@ def run_stage(main: Callable[[], None]) -> None:
     try:
         main()
     except StageError as error:
-        print(f"error: {error}", file=sys.stderr)
+        # One line even when the message quotes a multi-line library error.
+        print("error: " + re.sub(r"\s*[\r\n]+\s*", " ", str(error)), file=sys.stderr)
         sys.exit(2)
     except Terminated as terminated:
         print(f"error: stopped by {terminated}; outputs written so far are complete, the others are unchanged", file=sys.stderr)
         sys.exit(128 + terminated.signum)
+    except KeyboardInterrupt:
+        print("error: stopped by SIGINT; outputs written so far are complete, the others are unchanged", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
@@ -184,13 +189,18 @@ def save_torch(path: str | os.PathLike, obj: object) -> None:
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> None:
     """Save a matplotlib figure with fixed metadata, so the same figure gives the same bytes."""
+    import matplotlib
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    metadata = {"Software": None} if path.suffix == ".png" else {"Creator": None, "Date": None}
-    if path.suffix == ".svg":
-        metadata = {"Date": None, "Creator": None}
-    with atomic_path(path) as tmp:
+    # The keys that would hold the version, the date or the creating program, per format.
+    metadata = {
+        ".png": {"Software": None},
+        ".svg": {"Creator": None, "Date": None},
+        ".pdf": {"Creator": None, "Producer": None, "CreationDate": None},
+    }.get(path.suffix.lower())
+    # SVG element ids are hashes salted with a random value unless svg.hashsalt is set.
+    with matplotlib.rc_context({"svg.hashsalt": "flowmatch"}), atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, metadata=metadata)
     plt.close(fig)
 

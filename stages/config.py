@@ -349,9 +349,8 @@ def _parse_train_fields(s: Section, nproc: int) -> dict:
     batch_size = s.integer("batch_size", 1)
     if batch_size % nproc:
         raise ParamError(s.key("batch_size"), batch_size, f"a multiple of train.nproc = {nproc} (each process takes an equal share)")
+    # warmup_steps may exceed steps: the learning rate then rises for the whole run.
     warmup_steps = s.integer("warmup_steps", 0)
-    if warmup_steps > steps:
-        raise ParamError(s.key("warmup_steps"), warmup_steps, f"an integer from 0 to train.steps = {steps}")
     return dict(
         steps=steps,
         batch_size=batch_size,

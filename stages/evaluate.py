@@ -114,6 +114,17 @@ def load_samples(dataset: str) -> tuple[dict[str, np.ndarray], list[dict]]:
     return arrays, records
 
 
+def check_sample_shapes(dataset: str, samples: dict[str, np.ndarray], records: list[dict], shape: tuple[int, ...]) -> None:
+    """Raise ``StageError`` naming the file and the set when a sample set is not ``(n, *shape)`` with ``n >= 1``."""
+    for record in records:
+        points = samples[record["key"]]
+        if points.ndim != len(shape) + 1 or tuple(points.shape[1:]) != tuple(shape) or len(points) == 0:
+            raise StageError(
+                f"{SAMPLES_DIR / dataset / 'samples.npz'}: sample set {record['key']!r} has shape {tuple(points.shape)}, "
+                f"but {dataset} samples have shape (n, {', '.join(map(str, shape))}); rerun the sample stage (dvc repro sample@{dataset})"
+            )
+
+
 def load_prepared(dataset: str) -> tuple[dict[str, np.ndarray], dict]:
     """Load the prepared arrays of ``dataset`` and its manifest entry."""
     manifest_path = PREPARED_DIR / "manifest.json"
@@ -141,7 +152,7 @@ def subsample(points: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarra
 
 
 def non_finite_count(points: np.ndarray) -> int:
-    """Return how many samples (rows of ``points``) hold a NaN or infinite value."""
+    """Return how many samples (rows of ``points``) contain a NaN or infinite value."""
     return int((~np.isfinite(points.reshape(len(points), -1))).any(axis=1).sum())
 
 
@@ -278,6 +289,8 @@ def best_row(rows: list[dict], metric: str) -> dict:
     """Return the row with the lowest ``metric`` among the rows at the largest NFE budget.
 
     Raises ``StageError`` when every set at that budget has a null value.
+    NOTE: the minimum of several noisy estimates is biased low. When the solvers are all
+    close to the floor, the headline value can land below ``{metric}_floor`` by chance.
     """
     largest = max(row["nfe_budget"] for row in rows)
     candidates = [row for row in rows if row["nfe_budget"] == largest and row[metric] is not None]
@@ -393,6 +406,7 @@ def main() -> None:
 
     prepared, entry = load_prepared(dataset)
     samples, records = load_samples(dataset)
+    check_sample_shapes(dataset, samples, records, prepared["test"].shape[1:])
     seed, n_eval, floor_seeds = params.seed, params.evaluate.n_eval, params.evaluate.floor_seeds
 
     if entry["kind"] == "image":

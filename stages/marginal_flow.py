@@ -322,16 +322,22 @@ def covariance_ellipse(mean: np.ndarray, cov: np.ndarray, **style) -> Ellipse:
 
 
 def plot_gaussian_flow(samples: torch.Tensor, path: GaussianPath, schedule: Schedule, metrics: dict):
-    """Plot the closed-form flow's samples with the target and empirical two-sigma ellipses (first two coordinates)."""
+    """Plot the closed-form flow's samples with the target and empirical two-sigma ellipses (first two coordinates; a histogram in 1-D)."""
     fig, ax = plt.subplots(figsize=(6.5, 6), constrained_layout=True)
-    xy = samples[:, :2].numpy()
-    ax.scatter(xy[:, 0], xy[:, 1], s=3, color="C0", alpha=0.5, label=f"{samples.shape[0]} samples at t = 1")
-    if path.dim >= 2:
-        target_cov = path.cov[:2, :2].numpy()
-        ax.add_patch(covariance_ellipse(path.mean[:2].numpy(), target_cov, color="k", linewidth=2, label="N(mean, cov): 2 sd"))
+    if path.dim == 1:
+        values = samples[:, 0].numpy()
+        grid = np.linspace(values.min(), values.max(), 200)
+        mean, sd = float(path.mean[0]), math.sqrt(float(path.cov[0, 0]))
+        ax.hist(values, bins=40, density=True, color="C0", alpha=0.6, label=f"{samples.shape[0]} samples at t = 1")
+        ax.plot(grid, np.exp(-0.5 * ((grid - mean) / sd) ** 2) / (sd * math.sqrt(2 * math.pi)), color="k", label="N(mean, cov)")
+        ax.set(xlabel="x", ylabel="density")
+    else:
+        xy = samples[:, :2].numpy()
+        ax.scatter(xy[:, 0], xy[:, 1], s=3, color="C0", alpha=0.5, label=f"{samples.shape[0]} samples at t = 1")
+        ax.add_patch(covariance_ellipse(path.mean[:2].numpy(), path.cov[:2, :2].numpy(), color="k", linewidth=2, label="N(mean, cov): 2 sd"))
         ax.add_patch(covariance_ellipse(xy.mean(0), np.cov(xy.T), color="C3", linestyle="--", linewidth=2, label="samples: 2 sd"))
-    ax.set_aspect("equal", adjustable="datalim")
-    ax.set(xlabel="x[0]", ylabel="x[1]")
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.set(xlabel="x[0]", ylabel="x[1]")
     ax.set_title(f"closed-form Gaussian flow from N(0, I), {schedule.name} schedule\nmean error max {metrics['mean_error_max_se']:.2f} SE, covariance error max {metrics['cov_error_max_se']:.2f} SE", fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
     return fig

@@ -129,7 +129,7 @@ def load_training_data(dataset: str) -> np.ndarray:
     if train.ndim < 2 or len(train) < 1:
         raise StageError(f"{path}: 'train' must have shape (n, ...) with n >= 1, got {train.shape}")
     if not np.isfinite(train).all():
-        raise StageError(f"{path}: 'train' holds {int((~np.isfinite(train)).sum())} non-finite values")
+        raise StageError(f"{path}: 'train' contains {int((~np.isfinite(train)).sum())} non-finite values")
     return train
 
 
@@ -160,7 +160,7 @@ class DistributedContext:
         return holder[0]
 
     def check_replicas(self, model: torch.nn.Module) -> None:
-        """Raise ``StageError`` unless every rank holds the same weights as rank 0.
+        """Raise ``StageError`` unless every rank has the same weights as rank 0.
 
         DDP keeps replicas identical by averaging gradients. A mismatch means that the
         gradient all-reduce did not take place, and then rank 0's model saw only its share of the data.
@@ -174,7 +174,7 @@ class DistributedContext:
         torch.distributed.all_reduce(mismatches)
         if int(mismatches) > 0:
             raise StageError(f"the {self.world_size} training processes ended with different weights ({int(mismatches)} values differ)")
-        log.info("all %d ranks hold identical weights", self.world_size)
+        log.info("all %d ranks have identical weights", self.world_size)
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -190,7 +190,7 @@ class TrainingLog:
 
     The records logged so far are also kept in ``history`` and stored with each
     checkpoint. A resumed run starts a fresh DVCLive directory and writes that
-    history again, so the log never holds steps that the checkpoint does not.
+    history again, so the log never contains steps that the checkpoint does not.
     """
 
     def __init__(self, directory: Path, history: list[dict], enabled: bool):
@@ -259,6 +259,8 @@ def train(dataset: str, params: Params, settings: TrainParams) -> None:
 
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
+    # NOTE: the tests run on CPUs only (Gloo). The CUDA paths (NCCL, bf16 autocast, CUDA
+    # generators and RNG state in checkpoints) have not been run.
     device = resolve_device(settings.device)
     bf16 = settings.precision == "bf16"
     if bf16 and device.type != "cuda":

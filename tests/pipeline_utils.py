@@ -1,10 +1,10 @@
 """Helpers for tests that run the DVC pipeline in a temporary copy of the repository.
 
 ``TINY`` shrinks every stage to seconds. ``copy_project`` copies the tracked and
-untracked (not ignored) files without stage outputs, ``init_git`` makes the copy a
-git repository, ``built_pipeline`` returns a copy on which ``dvc repro`` has finished
-(built once per test process), and ``declared_outputs`` and ``check_complete`` read
-and check the outputs that dvc.yaml declares.
+untracked (not ignored) files without stage outputs, and ``init_git`` makes the copy a
+git repository. ``built_pipeline`` returns a copy on which ``dvc repro`` has finished,
+built once per test process. ``declared_outputs`` and ``check_complete`` list and
+check the outputs that dvc.yaml declares.
 """
 
 from __future__ import annotations
@@ -33,14 +33,16 @@ DVC = str(BIN / "dvc")
 TINY = {
     "data": {"n_train": 400, "n_test": 200},
     "noise_sequence": {"size": 48, "steps": 4},
-    "single_point": {"n_samples": 400, "steps": [2, 4, 8], "n_trajectories": 8},
-    "marginal_flow": {"n_points": 16, "n_samples": 64, "steps": 8},
-    "train": {"steps": 30, "batch_size": 64, "hidden": 32, "checkpoint_every": 10, "warmup_steps": 5},
-    "sample": {"n_samples": 64, "nfe": [4, 8]},
+    "single_point": {"n_samples": 400, "n_endpoints": 100, "steps": [2, 4, 8], "tolerances": [1.0e-3, 1.0e-5], "n_trajectories": 8},
+    "marginal_flow": {"n_points": 16, "n_samples": 64, "mc_sizes": [100, 1000], "mc_n_query": 16, "continuity_spacings": [0.1, 0.05]},
+    "train": {"steps": 30, "batch_size": 64, "hidden": 32, "checkpoint_every": 10, "warmup_steps": 5, "log_every": 10},
+    "sample": {"n_samples": 64, "nfe": [4, 8], "dopri5_tolerances": [0.1, 0.01]},
     "evaluate": {"n_eval": 64, "floor_seeds": 2},
+    "classifier": {"epochs": 1, "min_accuracy": 0.0},
 }
 
-# The temporary names of stages.common.atomic_path: ".STEM.RANDOM.tmpSUFFIX".
+# The temporary names of stages.common.atomic_path, ".STEM.PID.RANDOM.tmpSUFFIX", and older
+# ones without the process id.
 TEMP_NAME = re.compile(r"^\..+\.tmp(\.[^.]*)?$")
 
 
@@ -156,7 +158,7 @@ def temp_files(paths: list[Path]) -> list[Path]:
 
 
 def check_complete(path: Path) -> None:
-    """Raise ``AssertionError`` unless the file at ``path`` decodes completely as its extension says."""
+    """Raise ``AssertionError`` unless the file at ``path`` decodes completely in the format of its extension."""
     suffix = path.suffix.lower()
     try:
         if suffix == ".json":

@@ -1,16 +1,18 @@
 """Every stage rejects an invalid params.yaml before it does any work.
 
-Hypothesis corrupts the default params.yaml (wrong types, negative or zero counts,
-NaN and infinity, times out of range, unknown names, empty lists, unknown and missing
-keys, sections that are not mappings, malformed YAML) and runs each stage's ``main``
-in-process through ``run_stage`` in a directory that holds only that file. Each run must
-exit with code 2, write exactly one line to stderr (the validator's message, naming
-the key path and the value), show no traceback and leave no file behind. One
-subprocess per stage checks that the real command line behaves the same way.
+Hypothesis corrupts the default params.yaml: wrong types, negative or zero counts, NaN
+and infinity, times out of range, unknown names, empty lists, unknown and missing keys,
+sections that are not mappings, malformed YAML. Each stage's ``main`` then runs
+in-process through ``run_stage`` in a directory that contains only that file. Each run
+must exit with code 2 and write exactly one line to stderr, the validator's message
+naming the key path and the value. It must show no traceback and leave no file behind.
+One subprocess per stage checks that the real command line behaves the same way, and
+each stage's ``main`` must call ``load_params`` as its first statement.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import importlib
@@ -230,7 +232,7 @@ def expected_error(data: bytes) -> StageError | None:
 
 
 class _CurrentStderr(logging.Handler):
-    """A handler that writes to whatever ``sys.stderr`` is when a record arrives, as the stages' own does."""
+    """A logging handler that writes to the ``sys.stderr`` of the moment, where a stage's own handler writes."""
 
     def emit(self, record: logging.LogRecord) -> None:
         sys.stderr.write(self.format(record) + "\n")
@@ -324,6 +326,22 @@ def test_stage_rejects_invalid_params(stage, params):
         assert section in touched, f"{error.key} is outside the edited sections {sorted(touched)}"
     if not isinstance(error, ParamError):
         assert run.stderr.startswith("error: params.yaml: ")
+
+
+@pytest.mark.parametrize("stage", list(STAGE_ARGUMENTS))
+def test_main_validates_params_first(stage):
+    path = REPO / "stages" / f"{stage}.py"
+    if not path.exists():
+        pytest.skip(f"stages/{stage}.py does not exist yet")
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    main = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main")
+    first = main.body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+        first = main.body[1]  # the docstring
+
+    assert isinstance(first, ast.Assign), ast.unparse(first)
+    assert isinstance(first.value, ast.Call)
+    assert ast.unparse(first.value.func) == "load_params"
 
 
 @pytest.mark.parametrize("stage", list(STAGE_ARGUMENTS))

@@ -156,6 +156,22 @@ def test_fixed_step_solver_runs(stage_run):
     assert memorisation["fraction_within_radius"] > 0.5
 
 
+def test_gaussian_in_three_dimensions(in_tmp):
+    rng = np.random.default_rng(1)
+    factor = rng.standard_normal((3, 3))
+    mean, cov = rng.standard_normal(3), factor @ factor.T / 3 + 0.2 * np.eye(3)
+    samples = rng.multivariate_normal(mean, cov, size=32).astype(np.float32)
+    np.savez(in_tmp / "data/prepared/gaussian.npz", train=samples, test=samples, mean=mean, cov=cov)
+    write_params(in_tmp, "cosine")
+
+    marginal_flow.main()
+
+    metrics = read_metrics(in_tmp)
+    assert 0.5 < metrics["gaussian_mc"]["z_rms"] < 1.6
+    assert metrics["gaussian_flow"]["cov_error_max_se"] < 4.5
+    assert (in_tmp / "reports/figures/marginal/gaussian_flow.png").is_file()
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
     [("dataset", "digits"), ("mc_sizes", [1]), ("continuity_t_grid", [0.05]), ("radius", 0)],

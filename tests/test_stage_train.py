@@ -280,8 +280,8 @@ def test_ddp_two_processes_match_one(tmp_path, monkeypatch):
     # Two Gloo processes with 64 examples each against one process with all 128. The
     # data order is the same, but the noise and times are drawn per rank, so the loss
     # curves agree only up to sampling noise. Each logged value averages 30 steps x 128
-    # examples. Single-process runs that differ only in the noise seed (8 pairs) differ
-    # by at most 7% per logged value and 3.6% on average; the bounds are twice that.
+    # examples. In 8 pairs of single-process runs that differ only in the noise seed, the
+    # logged values differed by at most 7% and by 3.6% on average. The bounds are twice that.
     single, double = tmp_path / "single", tmp_path / "double"
     settings = {"steps": 150, "batch_size": 128, "log_every": 30, "warmup_steps": 10, "lr": 0.005}
     for directory, nproc in ((single, 1), (double, 2)):
@@ -292,7 +292,7 @@ def test_ddp_two_processes_match_one(tmp_path, monkeypatch):
     assert completed.returncode == 0, completed.stderr[-2000:]
     run_train(single, monkeypatch)
 
-    assert "all 2 ranks hold identical weights" in completed.stderr
+    assert "all 2 ranks have identical weights" in completed.stderr
     one = read_loss_log(single)
     two = read_loss_log(double)
     assert [step for step, _ in two] == [step for step, _ in one]
