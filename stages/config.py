@@ -13,10 +13,13 @@ from pathlib import Path
 
 import yaml
 
+from flowmatch.image_datasets import IMAGE_DATASETS
 from flowmatch.schedules import SCHEDULE_NAMES, Schedule, get_schedule
 from stages.common import ParamError, StageError
 
-DATASETS = ("moons", "checkerboard", "eight_gaussians", "gaussian", "digits")
+# The sets that prepare always writes, then the image sets it writes when data.datasets names them.
+BUILTIN_DATASETS = ("moons", "checkerboard", "eight_gaussians", "gaussian", "digits")
+DATASETS = BUILTIN_DATASETS + IMAGE_DATASETS
 TOY_DATASETS = ("moons", "checkerboard", "eight_gaussians")
 SOLVERS = ("euler", "midpoint", "heun", "rk4", "dopri5")
 
@@ -150,7 +153,13 @@ def parse_schedule(root: Section) -> ScheduleParams:
 
 @dataclass(frozen=True)
 class DataParams:
-    """Sizes and shapes of the prepared sets; toy shape parameters are in units of the raw layout."""
+    """Sizes and shapes of the prepared sets; toy shape parameters are in units of the raw layout.
+
+    ``datasets`` lists the sets that train, sample and evaluate run on (dvc.yaml's
+    matrix reads it). The image sets among them (``IMAGE_DATASETS``) are also
+    prepared, read by torchvision from ``data_root``, which may fetch missing files
+    when ``download`` is true.
+    """
 
     n_train: int
     n_test: int
@@ -159,6 +168,14 @@ class DataParams:
     eight_gaussians_std: float
     gaussian_dim: int
     digits_test_fraction: float
+    datasets: tuple[str, ...]
+    data_root: str
+    download: bool
+
+    @property
+    def image_datasets(self) -> tuple[str, ...]:
+        """Return the image sets in ``datasets``, which prepare reads with torchvision."""
+        return tuple(name for name in self.datasets if name in IMAGE_DATASETS)
 
 
 def parse_data(root: Section) -> DataParams:
@@ -171,6 +188,9 @@ def parse_data(root: Section) -> DataParams:
         eight_gaussians_std=s.number("eight_gaussians_std", 0.0, strict_min=True),
         gaussian_dim=s.integer("gaussian_dim", 1, 4096),
         digits_test_fraction=s.number("digits_test_fraction", 0.0, 1.0, strict_min=True, strict_max=True),
+        datasets=s.choice_list("datasets", DATASETS),
+        data_root=s.string("data_root"),
+        download=s.boolean("download"),
     )
 
 
@@ -429,13 +449,56 @@ def parse_sample(root: Section) -> SampleParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
+    """Scoring of the samples (``n_eval``, ``floor_seeds``) and of the learned flow itself.
+
+    ``nll_*``: the held-out NLL of ``nll_n`` test points, integrated with ``nll_solver``
+    (``nll_steps`` steps, or ``nll_tolerance`` as dopri5's atol = rtol), with the exact
+    divergence up to ``nll_exact_max_dim`` dimensions and ``nll_probes`` Hutchinson probes
+    above. ``straightness_*``: ``straightness_n`` trajectories of ``straightness_steps``
+    rk4 steps. ``velocity_error_*``: ``velocity_error_n`` points at each of
+    ``velocity_error_times`` evenly spaced times from ``velocity_error_t_min`` to
+    ``velocity_error_t_max``.
+    """
+
     n_eval: int
     floor_seeds: int
+    threads: int
+    nll_n: int
+    nll_solver: str
+    nll_steps: int
+    nll_tolerance: float
+    nll_exact_max_dim: int
+    nll_probes: int
+    straightness_n: int
+    straightness_steps: int
+    velocity_error_n: int
+    velocity_error_times: int
+    velocity_error_t_min: float
+    velocity_error_t_max: float
 
 
 def parse_evaluate(root: Section) -> EvaluateParams:
     s = root.section("evaluate", tuple(EvaluateParams.__dataclass_fields__))
-    return EvaluateParams(n_eval=s.integer("n_eval", 2), floor_seeds=s.integer("floor_seeds", 2))
+    params = EvaluateParams(
+        n_eval=s.integer("n_eval", 2),
+        floor_seeds=s.integer("floor_seeds", 2),
+        threads=s.integer("threads", 0),
+        nll_n=s.integer("nll_n", 1),
+        nll_solver=s.choice("nll_solver", SOLVERS),
+        nll_steps=s.integer("nll_steps", 1, 100_000),
+        nll_tolerance=s.number("nll_tolerance", 1e-12, 1.0),
+        nll_exact_max_dim=s.integer("nll_exact_max_dim", 0),
+        nll_probes=s.integer("nll_probes", 1, 1024),
+        straightness_n=s.integer("straightness_n", 1),
+        straightness_steps=s.integer("straightness_steps", 1, 100_000),
+        velocity_error_n=s.integer("velocity_error_n", 1),
+        velocity_error_times=s.integer("velocity_error_times", 1, 10_000),
+        velocity_error_t_min=s.number("velocity_error_t_min", 0.0, 1.0),
+        velocity_error_t_max=s.number("velocity_error_t_max", 0.0, 1.0),
+    )
+    if params.velocity_error_t_max < params.velocity_error_t_min:
+        raise ParamError(s.key("velocity_error_t_max"), params.velocity_error_t_max, f"a number >= evaluate.velocity_error_t_min = {params.velocity_error_t_min:g} and <= 1")
+    return params
 
 
 @dataclass(frozen=True)

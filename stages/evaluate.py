@@ -1,16 +1,26 @@
-"""Stage `evaluate`: score the generated samples of one data set against held-out data.
+"""Stage `evaluate`: score the generated samples and the learned flow of one data set.
 
 Usage: ``python -m stages.evaluate DATASET``.
 
 Reads ``data/samples/DATASET/samples.npz`` and ``manifest.json`` (one sample set per
-solver and NFE budget) and ``data/prepared``. Writes
+solver and NFE budget), the model ``data/models/DATASET/model.pt`` and ``data/prepared``.
+Writes
 
 - ``reports/metrics/DATASET.json``: headline metrics at the top level for the best
   solver (lowest ``w2``, or ``fid`` for images) at the largest NFE budget, named in
-  ``solver``, ``nfe`` and ``nfe_budget``, plus every solver and budget under ``by_solver``;
+  ``solver``, ``nfe`` and ``nfe_budget``, the metrics of the learned flow, plus every
+  solver and budget under ``by_solver``;
 - ``reports/plots/DATASET/quality_vs_nfe.csv``: one row per solver and NFE budget;
-- ``reports/figures/DATASET/``: samples beside held-out data, quality against NFE;
-- ``reports/timing/evaluate_DATASET.json``: seconds.
+- ``reports/plots/DATASET/learned_flow/``: ``straightness.csv`` and, for the Gaussian
+  case, ``velocity_error.csv``, both against ``t``;
+- ``reports/figures/DATASET/``: samples beside held-out data, quality against NFE and
+  the per-time curves of the learned flow;
+- ``reports/timing/evaluate_DATASET.json``: seconds, in all and per part.
+
+The learned flow (``stages.evaluate_flow``): every set gets the ``straightness`` of the
+model's trajectories. Low-dimensional sets also get the held-out ``nll`` and
+``nll_per_dim``, and the Gaussian case gets ``nll_true`` under ``N(mean, cov)`` and the
+``velocity_error`` against the closed-form velocity.
 
 Low-dimensional sets (toys, Gaussian) get the exact ``w2``, ``energy`` and ``mmd`` to a
 fixed random subset of ``n`` held-out points, where ``n = min(evaluate.n_eval, n_test,
@@ -25,6 +35,13 @@ They also get the class-balance ``entropy`` of the predicted labels and the clas
 held-out ``accuracy``. The ``memorisation`` ratio divides the median distance from a
 sample to its nearest training image by the same median for held-out images, and
 ``memorisation_reference`` gives its level for fresh images.
+
+Other image sets (MNIST, Fashion-MNIST, CIFAR-10) have no classifier in the pipeline, so
+they get no ``fid``, ``entropy`` or ``accuracy`` (``class_metrics`` says so in the
+metrics file). They get ``fd_pca``: the Frechet distance between Gaussians fitted to
+samples and held-out images after projection onto the first ``PCA_COMPONENTS``
+principal components of the training images. Its floor compares ``n`` random training
+images with the held-out split. They also get the ``memorisation`` ratio and its reference.
 """
 
 from __future__ import annotations
@@ -39,9 +56,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from flowmatch import metrics
 from flowmatch.datasets import make_rng, make_toy, sample_gaussian
+from stages import evaluate_flow
 from stages.classifier import MODEL_PATH as CLASSIFIER_PATH
 from stages.classifier import classify, load_classifier
 from stages.common import StageError, load_npz, run_stage, save_figure, write_csv, write_json
@@ -54,6 +73,14 @@ SAMPLES_DIR = Path("data/samples")
 REPORTS_DIR = Path("reports")
 
 LOW_DIM_DISTANCES = ("w2", "energy", "mmd")
+
+# Image sets with a classifier in the pipeline; other image sets are scored in pixel space.
+CLASSIFIED_DATASETS = ("digits",)
+
+# Principal components of the training images that fd_pca compares, and the training
+# images the components are fitted on (a random subset when there are more).
+PCA_COMPONENTS = 64
+PCA_FIT_IMAGES = 10_000
 DISTANCE_FUNCTIONS = {"w2": metrics.w2, "energy": metrics.energy_distance, "mmd": metrics.mmd}
 
 
@@ -282,6 +309,71 @@ def evaluate_digits(prepared: dict, samples: dict, records: list[dict], seed: in
     return summary, rows
 
 
+# ---------------------------------------------------------------- other image sets
+
+
+def fit_pca(train: np.ndarray, seed: int, dataset: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return the mean ``(d,)`` and the first principal directions ``(d, k)`` of flattened training images.
+
+    ``k`` is ``PCA_COMPONENTS``, at most the image size and one less than the number
+    of images fitted.
+    """
+    flat = train.reshape(len(train), -1).astype(np.float64)
+    if len(flat) > PCA_FIT_IMAGES:
+        flat = subsample(flat, PCA_FIT_IMAGES, make_rng(seed, dataset, "evaluate", "pca"))
+    mean = flat.mean(axis=0)
+    components = min(PCA_COMPONENTS, flat.shape[1], len(flat) - 1)
+    _, _, vt = np.linalg.svd(flat - mean, full_matrices=False)
+    return mean, vt[:components].T
+
+
+def evaluate_images(dataset: str, prepared: dict, samples: dict, records: list[dict], seed: int, n_eval: int, floor_seeds: int) -> tuple[dict, list[dict]]:
+    """Score each image sample set without a classifier: ``fd_pca`` and ``memorisation``; return (floors and references, rows)."""
+    train, test = prepared["train"], prepared["test"]
+    n = min(n_eval, len(train), *(len(samples[r["key"]]) for r in records))
+    mean, directions = fit_pca(train, seed, dataset)
+    flat_train = train.reshape(len(train), -1)
+    flat_test = test.reshape(len(test), -1)
+    heldout_features = (flat_test - mean) @ directions
+    # Nearest-neighbour searches over tens of thousands of training images cost
+    # O(queries * n_train * pixels), so the memorisation ratio uses n held-out images.
+    heldout_subset = subsample(flat_test, min(n, len(flat_test)), make_rng(seed, dataset, "evaluate", "memorisation_subset"))
+    rng = make_rng(seed, dataset, "evaluate", "subsample")
+    log.info("scoring %d sample sets of %s on %d images against %d held-out images (no classifier: fd_pca on %d components)", len(records), dataset, n, len(test), directions.shape[1])
+
+    rows = []
+    for record in records:
+        images = subsample(samples[record["key"]], n, rng).reshape(n, -1)
+        row = {"solver": record["solver"], "nfe_budget": budget_of(record), "nfe": int(record["nfe"])}
+        bad = non_finite_count(samples[record["key"]])
+        if bad == 0:
+            row["fd_pca"] = metrics.frechet_distance((images - mean) @ directions, heldout_features)
+            row["memorisation"] = metrics.memorisation_ratio(images, flat_train, heldout_subset)
+        else:
+            log.warning("sample set %s: %d of %d samples contain NaN or infinite values; its metrics are reported as null", record["key"], bad, len(samples[record["key"]]))
+            row.update({"fd_pca": None, "memorisation": None})
+        rows.append(row)
+        log.info("%s at nfe %d: fd_pca = %s, memorisation = %s", row["solver"], row["nfe"], row["fd_pca"], row["memorisation"])
+
+    floor_values = []
+    for k in range(floor_seeds):
+        chosen = subsample(flat_train, n, make_rng(seed, dataset, "evaluate", "floor", k))
+        floor_values.append(metrics.frechet_distance((chosen - mean) @ directions, heldout_features))
+    reference = memorisation_reference(flat_train, heldout_subset, seed, floor_seeds)
+    summary = {
+        "n_eval": n,
+        "floor_seeds": floor_seeds,
+        "pca_components": int(directions.shape[1]),
+        "fd_pca_floor": float(np.mean(floor_values)),
+        "fd_pca_floor_std": float(np.std(floor_values, ddof=1)) if floor_seeds > 1 else 0.0,
+        "memorisation_reference": reference.mean,
+        "memorisation_reference_std": reference.std,
+        "class_metrics": f"not computed: the pipeline trains no classifier for {dataset}, so there is no fid, entropy or accuracy",
+    }
+    log.info("fd_pca floor at n = %d: %.4f +- %.4f", n, summary["fd_pca_floor"], summary["fd_pca_floor_std"])
+    return summary, rows
+
+
 # ---------------------------------------------------------------- results
 
 
@@ -375,7 +467,11 @@ def plot_scatter(points: np.ndarray, heldout: np.ndarray, path: Path, title: str
 
 
 def plot_digit_grid(images: np.ndarray, path: Path, title: str, columns: int = 16, rows: int = 8) -> None:
-    """Tile the first ``columns * rows`` images ``(n, 1, 8, 8)`` in ``[-1, 1]`` into one grey-level grid."""
+    """Tile the first ``columns * rows`` images ``(n, c, h, w)`` in ``[-1, 1]`` into one grid.
+
+    One channel is drawn in inverted grey levels (dark strokes on white), three
+    channels as RGB colour.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -383,13 +479,16 @@ def plot_digit_grid(images: np.ndarray, path: Path, title: str, columns: int = 1
 
     count = min(len(images), columns * rows)
     rows = math.ceil(count / columns)
-    height, width = images.shape[-2:]
+    channels, height, width = images.shape[-3:]
     # Each tile gets a 1-pixel background border, because the digits reach the image edges.
-    tiles = np.full((rows * columns, height + 2, width + 2), -1.0)
-    tiles[:count, 1:-1, 1:-1] = np.clip(images[:count, 0], -1.0, 1.0)
-    grid = tiles.reshape(rows, columns, height + 2, width + 2).transpose(0, 2, 1, 3).reshape(rows * (height + 2), columns * (width + 2))
+    tiles = np.full((rows * columns, height + 2, width + 2, channels), -1.0)
+    tiles[:count, 1:-1, 1:-1] = np.clip(images[:count].transpose(0, 2, 3, 1), -1.0, 1.0)
+    grid = tiles.reshape(rows, columns, height + 2, width + 2, channels).transpose(0, 2, 1, 3, 4).reshape(rows * (height + 2), columns * (width + 2), channels)
     fig, ax = plt.subplots(figsize=(columns * 0.5, rows * 0.5 + 0.6))
-    ax.imshow(grid, cmap="gray_r", vmin=-1.0, vmax=1.0, interpolation="nearest")
+    if channels == 1:
+        ax.imshow(grid[:, :, 0], cmap="gray_r", vmin=-1.0, vmax=1.0, interpolation="nearest")
+    else:
+        ax.imshow((grid + 1.0) / 2.0, interpolation="nearest")
     ax.set_axis_off()
     ax.set_title(title)
     fig.tight_layout()
@@ -404,31 +503,42 @@ def main() -> None:
     dataset = parse_dataset(sys.argv[1:])
     start = time.perf_counter()
 
+    if params.evaluate.threads > 0:
+        torch.set_num_threads(params.evaluate.threads)
     prepared, entry = load_prepared(dataset)
     samples, records = load_samples(dataset)
     check_sample_shapes(dataset, samples, records, prepared["test"].shape[1:])
+    loaded = evaluate_flow.load_model(dataset)
     seed, n_eval, floor_seeds = params.seed, params.evaluate.n_eval, params.evaluate.floor_seeds
 
-    if entry["kind"] == "image":
+    if entry["kind"] == "image" and dataset in CLASSIFIED_DATASETS:
         summary, rows = evaluate_digits(prepared, samples, records, seed, n_eval, floor_seeds)
         metric = "fid"
+    elif entry["kind"] == "image":
+        summary, rows = evaluate_images(dataset, prepared, samples, records, seed, n_eval, floor_seeds)
+        metric = "fd_pca"
     else:
         summary, rows = evaluate_low_dim(dataset, prepared, entry, samples, records, seed, n_eval, floor_seeds)
         metric = "w2"
+    samples_seconds = time.perf_counter() - start
+    flow = evaluate_flow.evaluate_learned_flow(dataset, entry["kind"], loaded, prepared, params.evaluate, seed)
+    summary.update(flow.metrics)
     result = build_metrics(summary, rows, metric)
 
     figures = REPORTS_DIR / "figures" / dataset
     best_key = next(r["key"] for r in records if r["solver"] == result["solver"] and budget_of(r) == result["nfe_budget"])
     caption = f"{dataset}: {result['solver']} at nfe {result['nfe']}"
     if entry["kind"] == "image":
-        plot_digit_grid(samples[best_key], figures / "samples.png", f"generated digits, {caption}")
+        plot_digit_grid(samples[best_key], figures / "samples.png", f"generated images, {caption}")
     else:
         plot_scatter(samples[best_key], prepared["test"][: len(samples[best_key])], figures / "samples.png", caption)
     plot_quality(rows, metric, summary[f"{metric}_floor"], summary[f"{metric}_floor_std"], figures / "quality_vs_nfe.png", dataset)
 
     write_plot_data(rows, metric, REPORTS_DIR / "plots" / dataset / "quality_vs_nfe.csv")
+    evaluate_flow.write_learned_flow_plots(flow, REPORTS_DIR / "plots" / dataset / "learned_flow", figures, dataset)
     write_json(REPORTS_DIR / "metrics" / f"{dataset}.json", result)
-    write_json(REPORTS_DIR / "timing" / f"evaluate_{dataset}.json", {"seconds": time.perf_counter() - start})
+    seconds = time.perf_counter() - start
+    write_json(REPORTS_DIR / "timing" / f"evaluate_{dataset}.json", {"seconds": seconds, "seconds_samples": samples_seconds, "seconds_learned_flow": flow.seconds})
     log.info("%s: %s = %.5f (floor %.5f) for %s at nfe %d", dataset, metric, result[metric], result[f"{metric}_floor"], result["solver"], result["nfe"])
 
 

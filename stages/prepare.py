@@ -1,10 +1,16 @@
 """Stage `prepare`: draw the toy sets and the Gaussian case, split the digit images.
 
-Writes ``data/prepared/NAME.npz`` for every name in ``DATASETS`` and
-``data/prepared/manifest.json``, which records for each set its shape, split sizes,
-kind, and the affine map ``data = (raw - center) / scale`` from the raw values. Toy
-entries also record their sampler options, so later stages can draw fresh independent
-points from the same distribution (``make_toy(**entry["sampler"])``).
+Writes ``data/prepared/NAME.npz`` for every name in ``BUILTIN_DATASETS``, for each image
+set named in ``data.datasets`` (MNIST, Fashion-MNIST, CIFAR-10 in their official
+splits, read by torchvision from ``data.data_root``), and
+``data/prepared/manifest.json``. The manifest records for each set its shape, split
+sizes, kind, and the affine map ``data = (raw - center) / scale`` from the raw values.
+Toy entries also record their sampler options, so later stages can draw fresh
+independent points from the same distribution (``make_toy(**entry["sampler"])``).
+
+NOTE: the files under ``data.data_root`` are not a DVC dependency, so replacing them
+does not rerun the stage. They are fixed releases, and torchvision checks the
+CIFAR-10 files against its MD5 sums (it has none for the unpacked MNIST files).
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from flowmatch.datasets import (
     random_gaussian,
     sample_gaussian,
 )
-from stages.common import run_stage, save_npz, write_json
+from flowmatch.image_datasets import IMAGE_SOURCES, PIXEL_MAX, ImageFilesInvalidError, ImageFilesNotFoundError, load_image_split
+from stages.common import StageError, run_stage, save_npz, write_json
 from stages.config import DataParams, load_params
 
 log = logging.getLogger("flowmatch.prepare")
@@ -92,6 +99,31 @@ def prepare_digits(data: DataParams, seed: int) -> tuple[dict, dict]:
     return arrays, entry
 
 
+def prepare_image_dataset(name: str, data: DataParams) -> tuple[dict, dict]:
+    """Read image set ``name`` from ``data.data_root`` with torchvision; raise ``StageError`` when that fails."""
+    source = IMAGE_SOURCES[name]
+    try:
+        split = load_image_split(name, data.data_root, download=data.download)
+    except ImageFilesNotFoundError as error:
+        raise StageError(f"{error}; place them there or set data.download: true") from error
+    except ImageFilesInvalidError as error:
+        raise StageError(f"{error}; replace the files, or delete them and set data.download: true") from error
+    except OSError as error:
+        raise StageError(f"{source.class_name}: download into {data.data_root} failed ({error}); place the files there by hand and set data.download: false") from error
+    arrays = {"train": split.train, "test": split.test, "train_labels": split.train_labels, "test_labels": split.test_labels}
+    entry = {
+        "kind": "image",
+        "shape": list(split.train.shape[1:]),
+        "n_train": len(split.train),
+        "n_test": len(split.test),
+        "center": PIXEL_MAX / 2.0,
+        "scale": PIXEL_MAX / 2.0,
+        "n_classes": source.n_classes,
+        "source": f"torchvision.datasets.{source.class_name}",
+    }
+    return arrays, entry
+
+
 def main() -> None:
     params = load_params()
     data, seed = params.data, params.seed
@@ -99,6 +131,9 @@ def main() -> None:
     prepared = {name: prepare_toy(name, data, seed) for name in TOY_NAMES}
     prepared["gaussian"] = prepare_gaussian(data, seed)
     prepared["digits"] = prepare_digits(data, seed)
+    for name in data.image_datasets:
+        log.info("reading %s from %s with torchvision", name, data.data_root)
+        prepared[name] = prepare_image_dataset(name, data)
 
     manifest = {}
     for name, (arrays, entry) in prepared.items():

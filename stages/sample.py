@@ -83,12 +83,12 @@ def _limit_calls(velocity, limit: int):
     return limited
 
 
-def load_model(dataset: str) -> LoadedModel:
+def load_model(dataset: str, device: torch.device | str = "cpu") -> LoadedModel:
     path = MODEL_DIR / dataset / "model.pt"
     if not path.exists():
         raise StageError(f"{path}: file not found; run the train stage first (dvc repro train@{dataset})")
     try:
-        return load_model_file(path)
+        return load_model_file(path, map_location=device)
     except (OSError, RuntimeError, EOFError, ValueError, KeyError) as error:
         raise StageError(f"{path}: cannot read the model ({type(error).__name__}: {error}); delete it and rerun dvc repro") from error
 
@@ -99,6 +99,8 @@ def _solve(velocity, x0: torch.Tensor, solver: str, **options) -> tuple[torch.Te
     with torch.no_grad():
         # dopri5 reports its accepted steps only when it records the path.
         result = integrate(velocity, x0, solver=solver, record=solver == "dopri5", **options)
+    if x0.is_cuda:
+        torch.cuda.synchronize(x0.device)
     seconds = time.perf_counter() - start
     return result.x, result.nfe, len(result.times) - 1, seconds
 
@@ -122,7 +124,7 @@ def fixed_step_runs(velocity, x0: torch.Tensor, solver: str, budgets: tuple[int,
             continue
         x, nfe, steps, seconds = _solve(velocity, x0, solver, steps=steps)
         _check_finite(x, solver, budget)
-        runs[budget] = Run(solver, x.numpy().astype(np.float32), nfe, steps, seconds)
+        runs[budget] = Run(solver, x.cpu().numpy().astype(np.float32), nfe, steps, seconds)
     return runs
 
 
@@ -139,7 +141,7 @@ def dopri5_runs(velocity, x0: torch.Tensor, budgets: tuple[int, ...], tolerances
             break
         _check_finite(x, "dopri5", largest)
         log.info("dopri5: tolerance %g took %d evaluations in %d steps", tolerance, nfe, steps)
-        tried.append(Run("dopri5", x.numpy().astype(np.float32), nfe, steps, seconds, tolerance))
+        tried.append(Run("dopri5", x.cpu().numpy().astype(np.float32), nfe, steps, seconds, tolerance))
         if nfe > largest:
             break
 
@@ -154,7 +156,10 @@ def dopri5_runs(velocity, x0: torch.Tensor, budgets: tuple[int, ...], tolerances
 
 
 def sample(dataset: str, settings: SampleParams, schedule_params) -> None:
-    loaded = load_model(dataset)
+    # U-Nets on MNIST-sized images take hours to sample on a CPU and seconds on a GPU.
+    # NOTE: the CUDA path has not been run; the tests run on CPUs only.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_model(dataset, device)
     train_schedule = loaded.schedule
     velocity = model_velocity(loaded.model)
     sample_schedule = train_schedule
@@ -163,12 +168,13 @@ def sample(dataset: str, settings: SampleParams, schedule_params) -> None:
         velocity = ScheduleChange(train_schedule, sample_schedule).velocity(velocity)
     shape = tuple(loaded.config["shape"])
     log.info(
-        "sampling %s: %d samples of shape %s, trained along %r, sampled along %r",
-        dataset, settings.n_samples, list(shape), train_schedule, sample_schedule,
+        "sampling %s: %d samples of shape %s on %s, trained along %r, sampled along %r",
+        dataset, settings.n_samples, list(shape), device, train_schedule, sample_schedule,
     )
 
     generator = torch.Generator().manual_seed(settings.seed)
-    x0 = torch.randn((settings.n_samples, *shape), generator=generator)
+    # The noise is drawn on the CPU, so the same seed gives the same start on every device.
+    x0 = torch.randn((settings.n_samples, *shape), generator=generator).to(device)
     budgets = tuple(sorted(settings.nfe))
 
     start = time.perf_counter()

@@ -130,7 +130,7 @@ def declared_outputs(root: Path) -> dict[str, list[Path]]:
             result[name] = [root / p for p in paths]
             continue
         keys = list(matrix)
-        for values in itertools.product(*(matrix[k] for k in keys)):
+        for values in itertools.product(*(_matrix_values(root, matrix[k]) for k in keys)):
             resolved = []
             for path in paths:
                 for key, value in zip(keys, values):
@@ -138,6 +138,18 @@ def declared_outputs(root: Path) -> dict[str, list[Path]]:
                 resolved.append(root / path)
             result[f"{name}@{'-'.join(map(str, values))}"] = resolved
     return result
+
+
+def _matrix_values(root: Path, values: list | str) -> list:
+    """Return a matrix entry's list, looking up ``${a.b}`` in ``root/params.yaml`` as DVC does."""
+    if isinstance(values, list):
+        return values
+    match = re.fullmatch(r"\$\{([\w.]+)\}", values)
+    assert match, f"matrix entry {values!r} is neither a list nor a ${{...}} reference"
+    value = yaml.safe_load((root / "params.yaml").read_text())
+    for key in match.group(1).split("."):
+        value = value[key]
+    return value
 
 
 def output_files(path: Path) -> list[Path]:
