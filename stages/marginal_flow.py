@@ -21,12 +21,24 @@ Four checks, each a block of reports/metrics/marginal_flow.json:
   1-D and 2-D for small Gaussian mixtures (``MIXTURE_1D``, ``MIXTURE_2D``), relative
   to the size of the terms, with the fitted order in the spacing (2 expected).
 
+Two more checks use the closed-form Gaussian flow as a reference (``stages.gaussian_checks``
+describes them):
+
+- ``solver_order``: the convergence order of each fixed-step solver under the fixed
+  cosine schedule, where 1, 2, 2 and 4 are expected for euler, midpoint, heun and rk4.
+  ``solver_order_study`` gives the orders under the study's schedule, and
+  ``solver_order_schedules`` names both schedules;
+- ``likelihood_error_max``: the largest error, in nats, of the exact-divergence
+  log-likelihood against ``log N(x; mean, cov)``. ``hutchinson_z`` is the largest error
+  of the Hutchinson estimate in its standard errors, and ``likelihood`` has the details.
+
 For the ``vp`` schedule the marginal at ``t = 0`` is only close to ``N(0, I)``
 (``alpha_0 > 0``), which shifts the flow's samples by an amount of order ``alpha_0``.
 
 Figures in reports/figures/marginal/: landing.png, velocity_density.png,
-gaussian_mc.png, gaussian_flow.png, continuity.png. Plot data in reports/plots/:
-marginal_mc_convergence.csv, marginal_continuity.csv.
+gaussian_mc.png, gaussian_flow.png, continuity.png, solver_convergence.png,
+likelihood.png. Plot data in reports/plots/: marginal_mc_convergence.csv,
+marginal_continuity.csv, solver_convergence.csv.
 """
 
 from __future__ import annotations
@@ -49,8 +61,9 @@ from tqdm import tqdm  # noqa: E402
 from flowmatch.continuity import continuity_terms, grid_points  # noqa: E402
 from flowmatch.gaussian import GaussianPath  # noqa: E402
 from flowmatch.marginal import marginal_velocity, mixture_log_density, monte_carlo_velocity  # noqa: E402
-from flowmatch.schedules import Schedule  # noqa: E402
+from flowmatch.schedules import Schedule, get_schedule  # noqa: E402
 from flowmatch.solvers import integrate  # noqa: E402
+from stages import gaussian_checks  # noqa: E402
 from stages.common import StageError, load_npz, run_stage, save_figure, write_csv, write_json  # noqa: E402
 from stages.config import MarginalFlowParams, load_params  # noqa: E402
 
@@ -61,9 +74,10 @@ FIGURE_DIR = Path("reports/figures/marginal")
 METRICS_PATH = Path("reports/metrics/marginal_flow.json")
 MC_CSV = Path("reports/plots/marginal_mc_convergence.csv")
 CONTINUITY_CSV = Path("reports/plots/marginal_continuity.csv")
+SOLVER_CSV = Path("reports/plots/solver_convergence.csv")
 
 # Independent random streams, so that changing one sample size leaves the other draws alone.
-STREAM_LANDING, STREAM_MC, STREAM_FLOW = range(3)
+STREAM_LANDING, STREAM_MC, STREAM_FLOW, STREAM_ORDERS, STREAM_LIKELIHOOD = range(5)
 
 # Mixture centres of the continuity check and the square [-L, L]^d of its grid.
 MIXTURE_1D = ((-1.0,), (0.5,), (2.0,))
@@ -411,11 +425,26 @@ def main() -> None:
     continuity_metrics, continuity_records = check_continuity(schedule, config)
     log.info("continuity: relative residual %.2e (1-D), %.2e (2-D) at h = %g", continuity_metrics["residual_1d"], continuity_metrics["residual_2d"], min(config.continuity_spacings))
 
-    metrics = {"memorisation": memorisation, "gaussian_mc": mc_metrics, "gaussian_flow": flow_metrics, "continuity": continuity_metrics}
+    reference = get_schedule(gaussian_checks.REFERENCE_SCHEDULE)
+    order_metrics, order_records = gaussian_checks.check_solver_orders(path.mean, path.cov, reference, schedule, make_generator(params.seed, STREAM_ORDERS))
+    for key, role in (("solver_order", "reference"), ("solver_order_study", "study")):
+        orders = ", ".join(f"{solver} {order:.2f}" for solver, order in order_metrics[key].items())
+        log.info("solver orders on the Gaussian flow, %s schedule %s: %s", role, order_metrics["solver_order_schedules"][role], orders)
+
+    points = torch.tensor(gaussian["test"][: gaussian_checks.LIKELIHOOD_N], dtype=torch.float64)
+    rng = np.random.default_rng(np.random.SeedSequence([params.seed, STREAM_LIKELIHOOD]))
+    likelihood_metrics, likelihood_values = gaussian_checks.check_likelihood(path.mean, path.cov, points, schedule, rng, make_generator(params.seed, STREAM_LIKELIHOOD))
+    log.info("likelihood: max error %.2e nats over %d points; Hutchinson max |z| %.2f", likelihood_metrics["likelihood_error_max"], points.shape[0], likelihood_metrics["hutchinson_z"])
+
+    metrics = {
+        "memorisation": memorisation, "gaussian_mc": mc_metrics, "gaussian_flow": flow_metrics, "continuity": continuity_metrics,
+        **order_metrics, **likelihood_metrics,
+    }
     write_json(METRICS_PATH, metrics)
     mc_columns = ["t", "m", "error_rms", "standard_error_rms", "z_rms", "z_max", "ess_min"]
     write_csv(MC_CSV, pd.DataFrame([{k: r[k] for k in mc_columns} for r in mc_records]))
     write_csv(CONTINUITY_CSV, pd.DataFrame(continuity_records, columns=["dim", "t", "h", "relative_residual"]))
+    write_csv(SOLVER_CSV, pd.DataFrame(order_records, columns=["role", "schedule", "solver", "steps", "nfe", "error"]))
 
     save_figure(plot_landing(data, samples, nearest, test_nearest, config.radius, config.dataset, schedule), FIGURE_DIR / "landing.png")
     save_figure(plot_velocity_density(data, config.t_grid, schedule, config.dataset), FIGURE_DIR / "velocity_density.png")
@@ -423,7 +452,9 @@ def main() -> None:
     save_figure(plot_gaussian_flow(flow_samples, path, schedule, flow_metrics), FIGURE_DIR / "gaussian_flow.png")
     t_middle = sorted(config.continuity_t_grid)[len(config.continuity_t_grid) // 2]
     save_figure(plot_continuity(continuity_records, schedule, t_middle, min(config.continuity_spacings)), FIGURE_DIR / "continuity.png")
-    log.info("wrote %s, %s, %s and figures in %s", METRICS_PATH, MC_CSV, CONTINUITY_CSV, FIGURE_DIR)
+    save_figure(gaussian_checks.plot_solver_convergence(order_records, order_metrics), FIGURE_DIR / "solver_convergence.png")
+    save_figure(gaussian_checks.plot_likelihood(likelihood_values, likelihood_metrics, schedule), FIGURE_DIR / "likelihood.png")
+    log.info("wrote %s, %s, %s, %s and figures in %s", METRICS_PATH, MC_CSV, CONTINUITY_CSV, SOLVER_CSV, FIGURE_DIR)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ TINY = {
     "marginal_flow": {"n_points": 16, "n_samples": 64, "mc_sizes": [100, 1000], "mc_n_query": 16, "continuity_spacings": [0.1, 0.05]},
     "train": {"steps": 30, "batch_size": 64, "hidden": 32, "checkpoint_every": 10, "warmup_steps": 5, "log_every": 10},
     "sample": {"n_samples": 64, "nfe": [4, 8], "dopri5_tolerances": [0.1, 0.01]},
-    "evaluate": {"n_eval": 64, "floor_seeds": 2},
+    "evaluate": {"n_eval": 64, "floor_seeds": 2, "nll_n": 64, "straightness_n": 64, "velocity_error_n": 256},
     "classifier": {"epochs": 1, "min_accuracy": 0.0},
 }
 
@@ -130,7 +130,7 @@ def declared_outputs(root: Path) -> dict[str, list[Path]]:
             result[name] = [root / p for p in paths]
             continue
         keys = list(matrix)
-        for values in itertools.product(*(_matrix_values(root, matrix[k]) for k in keys)):
+        for values in itertools.product(*(matrix_values(root, matrix[k]) for k in keys)):
             resolved = []
             for path in paths:
                 for key, value in zip(keys, values):
@@ -140,7 +140,7 @@ def declared_outputs(root: Path) -> dict[str, list[Path]]:
     return result
 
 
-def _matrix_values(root: Path, values: list | str) -> list:
+def matrix_values(root: Path, values: list | str) -> list:
     """Return a matrix entry's list, looking up ``${a.b}`` in ``root/params.yaml`` as DVC does."""
     if isinstance(values, list):
         return values

@@ -40,8 +40,6 @@ from stages.common import ParamError
 from stages.config import parse_params
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "tools"))
 
 N_TRAIN = 12
 N_TEST = 6
@@ -308,3 +306,33 @@ def test_unet_trains_on_image_shape(shape):
     assert all(np.isfinite(losses))
     # With random times the loss of one step is noisy; compare means of ten steps.
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
+
+
+# ---------------------------------------------------------------- dvc exp run with the example params file
+
+
+@pytest.mark.slow
+def test_exp_run_trains_mnist_from_example(tmp_path):
+    from pipeline_utils import DVC, copy_project, init_git, run
+
+    root = copy_project(tmp_path / "repo")
+    init_git(root)
+    write_mnist_files(tmp_path / "raw", "mnist")
+    overlay = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "params_overlay.py"), "params/mnist_gpu.yaml"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.split()
+    # The example's GPU settings, shrunk to a few CPU steps; later -S arguments win.
+    tiny = {"device": "cpu", "precision": "fp32", "steps": 20, "batch_size": 8, "channels": 8, "warmup_steps": 2, "checkpoint_every": 10, "log_every": 10}
+    arguments = [*overlay, "-S", f"data.data_root={tmp_path / 'raw'}", "-S", "evaluate.straightness_n=16", "-S", "evaluate.straightness_steps=4"]
+    for key, value in tiny.items():
+        arguments += ["-S", f"++train.overrides.mnist.{key}={value}"]
+    run([DVC, "exp", "run", "-n", "mnist-tiny", "evaluate@mnist", *arguments], root, timeout=300)
+
+    metrics = json.loads((root / "reports" / "metrics" / "mnist.json").read_text())
+    model = torch.load(root / "data" / "models" / "mnist" / "model.pt", weights_only=True)
+    experiments = json.loads(run([DVC, "exp", "show", "--json"], root).stdout)
+    names = [exp["name"] for entry in experiments for exp in (entry.get("experiments") or [])]
+    assert metrics["fd_pca"] > 0
+    assert model["config"]["kind"] == "unet"
+    assert model["step"] == 20
+    assert "mnist-tiny" in names

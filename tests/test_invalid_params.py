@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import copy
+import functools
 import importlib
 import io
 import logging
@@ -33,22 +34,34 @@ import yaml
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
-from pipeline_utils import REPO, environment
+from pipeline_utils import REPO, environment, matrix_values
 from stages.common import ParamError, StageError, run_stage
 from stages.config import load_params
 
-# Stage module -> command-line arguments that are valid, so only params.yaml is wrong.
-STAGE_ARGUMENTS = {
-    "prepare": [],
-    "noise_sequence": [],
-    "single_point": [],
-    "marginal_flow": [],
-    "classifier": [],
-    "train": ["moons"],
-    "sample": ["moons"],
-    "evaluate": ["moons"],
-    "report": [],
-}
+
+
+def stage_arguments() -> dict[str, list[str]]:
+    """Return each stage module of dvc.yaml with valid command-line arguments, so only params.yaml is wrong.
+
+    A matrix stage gets its ``moons`` (or else its first) value.
+    """
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    commands = {}
+    for stage in stages.values():
+        words = stage["cmd"].split()
+        assert words[:2] == ["python", "-m"], f"unexpected stage command {stage['cmd']!r}"
+        assert words[2].startswith("stages."), f"unexpected stage command {stage['cmd']!r}"
+        arguments = []
+        for word in words[3:]:
+            for key, entry in (stage.get("matrix") or {}).items():
+                values = matrix_values(REPO, entry)
+                word = word.replace(f"${{item.{key}}}", "moons" if "moons" in values else str(values[0]))
+            arguments.append(word)
+        commands[words[2].removeprefix("stages.")] = arguments
+    return commands
+
+
+STAGE_ARGUMENTS = stage_arguments()
 
 DEFAULT_TEXT = (REPO / "params.yaml").read_text(encoding="utf-8")
 DEFAULT = yaml.safe_load(DEFAULT_TEXT)
@@ -231,6 +244,11 @@ def expected_error(data: bytes) -> StageError | None:
     return None
 
 
+@functools.cache
+def default_error() -> StageError | None:
+    return expected_error(DEFAULT_TEXT.encode("utf-8"))
+
+
 class _CurrentStderr(logging.Handler):
     """A logging handler that writes to the ``sys.stderr`` of the moment, where a stage's own handler writes."""
 
@@ -309,6 +327,7 @@ def check_rejected(run: StageRun, error: StageError) -> None:
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(params=PARAMS_FILES)
 def test_stage_rejects_invalid_params(stage, params):
+    assert default_error() is None, f"the default params.yaml is invalid, so no edit can be told apart: {default_error()}"
     data, touched = params
     error = expected_error(data)
     if error is None:

@@ -35,6 +35,8 @@ from stages.config import load_params
 TRAIN = {"steps": 30, "batch_size": 32, "hidden": 16, "layers": 2, "warmup_steps": 5, "log_every": 5, "checkpoint_every": 10, "device": "cpu"}
 SAMPLE = {"n_samples": 64, "nfe": [4, 8], "solvers": ["euler", "rk4"]}
 DATA = {"n_train": 300, "n_test": 200}
+# Small learned-flow metrics for evaluate; keys missing from params.yaml are skipped.
+EVALUATE = {"n_eval": 64, "floor_seeds": 2, "nll_n": 32, "nll_solver": "rk4", "nll_steps": 8, "straightness_n": 16, "straightness_steps": 4, "velocity_error_n": 64, "velocity_error_times": 4}
 CHECKPOINT = Path("data/checkpoints/moons/checkpoint.pt")
 MODEL = Path("data/models/moons/model.pt")
 
@@ -52,6 +54,7 @@ def write_params(directory: Path, **train) -> None:
     params["train"].update(TRAIN, **train)
     params["sample"].update(SAMPLE)
     params["data"].update(DATA)
+    params["evaluate"].update({key: value for key, value in EVALUATE.items() if key in params["evaluate"]})
     (directory / "params.yaml").write_text(yaml.safe_dump(params))
 
 
@@ -248,8 +251,9 @@ def copy_prepared(prepared: Path, target: Path) -> Path:
     return target
 
 
-def test_evaluate_counts_non_finite_samples(prepared, tmp_path, monkeypatch, caplog):
+def test_evaluate_counts_non_finite_samples(prepared, trained, tmp_path, monkeypatch, caplog):
     directory = copy_prepared(prepared, tmp_path)
+    copy_model(trained, directory)
     good = np.random.default_rng(1).standard_normal((128, 2))
     bad = good.copy()
     bad[[0, 100], 0] = np.nan
@@ -265,8 +269,9 @@ def test_evaluate_counts_non_finite_samples(prepared, tmp_path, monkeypatch, cap
     assert metrics["solver"] == "rk4"
 
 
-def test_evaluate_all_non_finite_exits(prepared, tmp_path, monkeypatch, capsys):
+def test_evaluate_all_non_finite_exits(prepared, trained, tmp_path, monkeypatch, capsys):
     directory = copy_prepared(prepared, tmp_path)
+    copy_model(trained, directory)
     write_samples(directory, {"euler_nfe8": np.full((64, 2), np.nan)})
 
     message = run_expecting_error(evaluate_stage, directory, monkeypatch, capsys, "moons")
@@ -374,8 +379,9 @@ def test_sample_misfit_weights_names_file(trained, tmp_path, monkeypatch, capsys
     assert not (tmp_path / "data" / "samples").exists()
 
 
-def test_evaluate_wrong_sample_shape_names_file(prepared, tmp_path, monkeypatch, capsys):
+def test_evaluate_wrong_sample_shape_names_file(prepared, trained, tmp_path, monkeypatch, capsys):
     directory = copy_prepared(prepared, tmp_path)
+    copy_model(trained, directory)
     path = write_samples(directory, {"euler_nfe8": np.zeros((64, 3)), "rk4_nfe8": np.zeros((64, 2))})
 
     message = run_expecting_error(evaluate_stage, directory, monkeypatch, capsys, "moons")

@@ -55,6 +55,10 @@ def test_toy_metrics_have_w2_and_floor(pipeline_repo):
 
 @pytest.mark.slow
 def test_exp_run_linear_changes_metrics(pipeline_repo):
+    # Commit the cosine baseline, so that `dvc exp show` has its metrics at HEAD.
+    identity = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    run(["git", *identity, "add", "-A"], pipeline_repo)
+    run(["git", *identity, "commit", "-qm", "cosine baseline"], pipeline_repo)
     run([str(BIN / "dvc"), "exp", "run", "-S", "schedule=linear", "--name", "linear"], pipeline_repo)
     shown = json.loads(run([str(BIN / "dvc"), "exp", "show", "--json"], pipeline_repo).stdout)
 

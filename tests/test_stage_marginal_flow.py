@@ -13,12 +13,17 @@ import torch
 import yaml
 from PIL import Image
 
-from flowmatch.schedules import SCHEDULE_NAMES
-from stages import marginal_flow
+from flowmatch.gaussian import GaussianPath
+from flowmatch.schedules import SCHEDULE_NAMES, get_schedule
+from stages import gaussian_checks, marginal_flow
 from stages.common import run_stage
 
 REPO = Path(__file__).resolve().parents[1]
-FIGURES = ("landing.png", "velocity_density.png", "gaussian_mc.png", "gaussian_flow.png", "continuity.png")
+FIGURES = ("landing.png", "velocity_density.png", "gaussian_mc.png", "gaussian_flow.png", "continuity.png", "solver_convergence.png", "likelihood.png")
+SOLVER_ORDERS = {"euler": 1.0, "midpoint": 2.0, "heun": 2.0, "rk4": 4.0}
+# Schedules under which v(t) = alpha_t^2 lam + beta_t^2 is quadratic in t, where the
+# midpoint rule's h^2 error term on the Gaussian flow integrates to zero.
+QUADRATIC_VARIANCE_SCHEDULES = ("linear", "linear_vp")
 
 TINY = {
     "dataset": "moons",
@@ -136,6 +141,70 @@ def test_continuity_residual_converges(stage_run, schedule):
     assert continuity["order_2d"] == pytest.approx(2.0, abs=0.3)
 
 
+@pytest.mark.parametrize("schedule", SCHEDULE_NAMES)
+def test_solver_orders_reference_schedule(stage_run, schedule):
+    metrics = read_metrics(stage_run(schedule))
+
+    assert metrics["solver_order_schedules"] == {"reference": "cosine", "study": schedule}
+    for solver, expected in SOLVER_ORDERS.items():
+        assert metrics["solver_order"][solver] == pytest.approx(expected, abs=0.3), solver
+
+
+@pytest.mark.parametrize("schedule", SCHEDULE_NAMES)
+def test_solver_orders_study_schedule(stage_run, schedule):
+    orders = read_metrics(stage_run(schedule))["solver_order_study"]
+    expected = dict(SOLVER_ORDERS, midpoint=3.0) if schedule in QUADRATIC_VARIANCE_SCHEDULES else SOLVER_ORDERS
+
+    for solver, order in expected.items():
+        assert orders[solver] == pytest.approx(order, abs=0.3), solver
+
+
+@pytest.mark.parametrize("schedule", SCHEDULE_NAMES)
+def test_likelihood_matches_closed_form(stage_run, schedule):
+    metrics = read_metrics(stage_run(schedule))
+
+    assert metrics["likelihood_error_max"] < 1e-6
+    assert metrics["hutchinson_z"] < 5
+    assert 0.7 < metrics["likelihood"]["hutchinson_z_rms"] < 1.3
+    assert abs(metrics["likelihood"]["hutchinson_z_mean"]) < 0.4
+
+
+def test_fitted_order_of_power_law():
+    steps = [16, 32, 64, 128]
+
+    assert gaussian_checks.fitted_order(steps, [3.0 * s**-2.5 for s in steps]) == pytest.approx(2.5, abs=1e-12)
+
+
+def test_fitted_order_skips_rounding_level():
+    steps = [16, 32, 64, 128]
+
+    assert gaussian_checks.fitted_order(steps, [1e-6 * s**-4 for s in steps]) is None
+    assert gaussian_checks.fitted_order(steps, [16.0**-4, 32.0**-4, 1e-14, 1e-15]) == pytest.approx(4.0)
+
+
+def test_hutchinson_standard_error_matches_probes():
+    rng = np.random.default_rng(3)
+    factor = rng.standard_normal((4, 4))
+    cov = torch.tensor(factor @ factor.T / 4 + 0.1 * np.eye(4))
+    path = GaussianPath(torch.zeros(4, dtype=torch.float64), cov, get_schedule("linear"))
+    # Integral of div u_t over [0, 1] as a matrix: half the log of cov_1 over cov_0 (which share eigenvectors).
+    eigenvalues_1, vectors = torch.linalg.eigh(path.cov_t(1.0))
+    eigenvalues_0 = torch.diagonal(vectors.T @ path.cov_t(0.0) @ vectors)
+    m = (vectors * (0.5 * torch.log(eigenvalues_1 / eigenvalues_0))) @ vectors.T
+    probes = torch.randint(0, 2, (200_000, 4), generator=torch.Generator().manual_seed(0)).double() * 2 - 1
+    estimates = torch.einsum("ki,ij,kj->k", probes, m, probes)
+
+    assert float(estimates.mean()) == pytest.approx(float(torch.trace(m)), abs=0.01)
+    assert gaussian_checks.hutchinson_standard_error(path, 1) == pytest.approx(float(estimates.std()), rel=0.01)
+    assert gaussian_checks.hutchinson_standard_error(path, 4) == pytest.approx(float(estimates.std()) / 2, rel=0.01)
+
+
+def test_hutchinson_standard_error_zero_for_diagonal_cov():
+    path = GaussianPath(torch.zeros(3, dtype=torch.float64), torch.diag(torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)), get_schedule("cosine"))
+
+    assert gaussian_checks.hutchinson_standard_error(path, 1) == pytest.approx(0.0, abs=1e-12)
+
+
 def test_stage_writes_plots_and_figures(stage_run):
     directory = stage_run("cosine")
 
@@ -144,6 +213,10 @@ def test_stage_writes_plots_and_figures(stage_run):
     continuity = pd.read_csv(directory / "reports/plots/marginal_continuity.csv")
     assert list(continuity.columns) == ["dim", "t", "h", "relative_residual"]
     assert len(continuity) == 2 * len(TINY["continuity_spacings"])
+    solvers = pd.read_csv(directory / "reports/plots/solver_convergence.csv")
+    assert list(solvers.columns) == ["role", "schedule", "solver", "steps", "nfe", "error"]
+    assert len(solvers) == 2 * len(gaussian_checks.ORDER_SOLVERS) * len(gaussian_checks.ORDER_STEPS)
+    assert (solvers.error > 0).all()
 
     for name in FIGURES:
         with Image.open(directory / "reports/figures/marginal" / name) as image:

@@ -246,11 +246,11 @@ def test_override_error_names_override_key(raw_params):
 
 def test_override_unknown_dataset_raises(raw_params):
     raw = copy.deepcopy(raw_params)
-    raw["train"]["overrides"] = {"mnist": {"steps": 5}}
+    raw["train"]["overrides"] = {"svhn": {"steps": 5}}
 
     with pytest.raises(ParamError) as caught:
         parse_params(raw)
-    assert caught.value.key == "train.overrides.mnist"
+    assert caught.value.key == "train.overrides.svhn"
 
 
 def test_override_of_nproc_raises(raw_params):
