@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 # Stage commands in dvc.yaml call `python`: make it the project's environment.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test venv metrics-check compare
+.PHONY: repro test venv metrics-check compare bench bench-gpu
 
 venv: $(STAMP)
 
@@ -38,3 +38,19 @@ metrics-check: $(STAMP)
 # metrics and quality against NFE.
 compare: $(STAMP)
 	$(BIN)/python tools/compare.py
+
+# Benchmarks (docs/benchmarks.md). `make bench` trains the same network with this
+# project's trainer, torchcfm and flow_matching on one CPU thread each; it installs the
+# benchmark-only extra `bench` first. `make bench-gpu` times U-Net training on a CUDA GPU.
+# Options go through BENCH_ARGS, e.g. make bench BENCH_ARGS="--steps 500".
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python bench/bench_cpu.py $(BENCH_ARGS)
+
+bench-gpu: $(STAMP)
+	$(BIN)/python bench/bench_gpu.py $(BENCH_ARGS)

@@ -2,8 +2,8 @@
 
 Every side trains the same velocity network, ``VelocityMLP`` with 3 hidden layers of
 256 units, SiLU and a 32-dimensional time embedding, on the standardised moons set of
-``flowmatch.datasets``. All sides use the same initial weights per seed, the same
-batches (``BatchOrder``), batch size 1024, AdamW with the same learning rate, the same
+``flowmatch.datasets``. All sides use the same initial weights per seed and the same
+batches of 1024 (``BatchOrder``). They also share AdamW with one learning rate, its
 linear warm-up and cosine decay, gradient clipping at norm 1 and an EMA of decay 0.999
 (``flowmatch.training.EMA``). They differ in how a step draws ``(t, x_t, u_t)``:
 
@@ -13,14 +13,14 @@ linear warm-up and cosine decay, gradient clipping at norm 1 and an EMA of decay
 
 Mini-batch optimal transport compares ``Trainer`` with coupling ``minibatch_ot`` against
 torchcfm's ``ExactOptimalTransportConditionalFlowMatcher`` (flow_matching has no OT
-coupling). ``Trainer`` builds AdamW with ``foreach=True`` (the same weights bit for bit,
-less time per step on the CPU). The loops around torchcfm and flow_matching keep
-AdamW's defaults, as their examples do, unless ``--their-foreach`` gives them the same
-implementation. Training runs round-robin in blocks of steps in one process, so changes in
-machine load reach every side alike. Each side's W2 to held-out data uses the EMA
-weights, 2000 samples from Euler with 100 steps, and ``flowmatch.metrics.w2``, beside
-the noise floor of ``flowmatch.metrics.noise_floor``. Sampling throughput compares the
-three libraries' Euler samplers at NFE 100 on one trained model.
+coupling).
+
+All sides train in one process and take turns every ``--block`` steps (default 1), so
+changes in machine load reach every side alike. Each side's W2 to held-out data uses
+the EMA weights, ``--n-eval`` samples (2000 by default) from Euler with 100 steps, and
+``flowmatch.metrics.w2``, beside the noise floor of ``flowmatch.metrics.noise_floor``.
+Sampling throughput compares the three libraries' Euler samplers at NFE 100 on one
+trained model.
 
 PyTorch and the BLAS library run on one thread each, so that the figures do not
 depend on the core count. Usage: ``python bench/bench_cpu.py [--steps N] [--ot-steps N]``.
@@ -101,15 +101,14 @@ def ours(seed: int, steps: int, coupling: str) -> Side:
     return Side(label, trainer.step, model, trainer.ema)
 
 
-def hand_loop(name: str, seed: int, steps: int, draw: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]], foreach: bool | None) -> Side:
+def hand_loop(name: str, seed: int, steps: int, draw: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Side:
     """Return a side whose step is a plain training loop around ``draw(z) -> (t, x_t, u_t)``.
 
     The optimiser, learning-rate schedule, clipping and EMA are those of ``Trainer``.
-    ``foreach`` selects AdamW's implementation (``None``: PyTorch's default).
     """
     model = new_model(seed)
     config = settings(steps, "independent")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=foreach)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine_factor(step, config.warmup_steps, config.steps))
     ema = EMA(model, config.ema_decay)
 
@@ -127,7 +126,7 @@ def hand_loop(name: str, seed: int, steps: int, draw: Callable[[torch.Tensor], t
     return Side(name, step, model, ema)
 
 
-def torchcfm_side(seed: int, steps: int, coupling: str, foreach: bool | None) -> Side:
+def torchcfm_side(seed: int, steps: int, coupling: str) -> Side:
     from torchcfm.conditional_flow_matching import ConditionalFlowMatcher, ExactOptimalTransportConditionalFlowMatcher
 
     matcher = ConditionalFlowMatcher(sigma=0.0) if coupling == "independent" else ExactOptimalTransportConditionalFlowMatcher(sigma=0.0)
@@ -135,10 +134,10 @@ def torchcfm_side(seed: int, steps: int, coupling: str, foreach: bool | None) ->
     def draw(z):
         return matcher.sample_location_and_conditional_flow(torch.randn_like(z), z)
 
-    return hand_loop("torchcfm" if coupling == "independent" else "torchcfm (ExactOT)", seed, steps, draw, foreach)
+    return hand_loop("torchcfm" if coupling == "independent" else "torchcfm (ExactOT)", seed, steps, draw)
 
 
-def flow_matching_side(seed: int, steps: int, foreach: bool | None) -> Side:
+def flow_matching_side(seed: int, steps: int) -> Side:
     from flow_matching.path import AffineProbPath
     from flow_matching.path.scheduler import CondOTScheduler
 
@@ -148,16 +147,17 @@ def flow_matching_side(seed: int, steps: int, foreach: bool | None) -> Side:
         sample = path.sample(x_0=torch.randn_like(z), x_1=z, t=torch.rand(z.shape[0]))
         return sample.t, sample.x_t, sample.dx_t
 
-    return hand_loop("flow_matching", seed, steps, draw, foreach)
+    return hand_loop("flow_matching", seed, steps, draw)
 
 
 def train_round_robin(sides: list[Side], data: torch.Tensor, steps: int, block: int, seed: int) -> None:
-    """Train every side for ``steps`` steps, in turns of ``block`` steps, timing only the steps."""
+    """Train every side for ``steps`` steps, taking turns every ``block`` steps, timing only the steps."""
     order = BatchOrder(len(data), BATCH_SIZE, seed)
+    report_every = max(1, steps // 5)
     for start in range(0, steps, block):
         stop = min(steps, start + block)
         batches = [data[torch.from_numpy(order.indices(step))] for step in range(start, stop)]
-        # The side that goes first changes every block, so none always follows the same one.
+        # The side that goes first changes every turn, so none always follows the same one.
         shift = (start // block) % len(sides)
         for side in sides[shift:] + sides[:shift]:
             began = time.perf_counter()
@@ -165,8 +165,8 @@ def train_round_robin(sides: list[Side], data: torch.Tensor, steps: int, block: 
                 side.losses.append(side.step(batch))
             side.seconds += time.perf_counter() - began
             side.steps += stop - start
-        if stop == steps or stop // max(1, steps // 5) != start // max(1, steps // 5):
-            log.info("step %d of %d: %s", stop, steps, ", ".join(f"{side.name} loss {np.mean(side.losses[-block:]):.4f}" for side in sides))
+        if stop == steps or stop // report_every != start // report_every:
+            log.info("step %d of %d: %s", stop, steps, ", ".join(f"{side.name} loss {np.mean(side.losses[-report_every:]):.4f}" for side in sides))
 
 
 def sample_w2(model: nn.Module, x0: torch.Tensor, heldout: np.ndarray) -> float:
@@ -273,13 +273,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000, help="training steps of each plain CFM run (default 1000)")
     parser.add_argument("--ot-steps", type=int, default=250, help="training steps of each minibatch OT run (default 250)")
-    parser.add_argument("--block", type=int, default=10, help="steps per turn in the round-robin (default 10)")
+    parser.add_argument("--block", type=int, default=1, help="steps per turn in the round-robin (default 1)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per side (default 3)")
+    parser.add_argument("--n-eval", type=int, default=N_EVAL, help=f"samples and held-out points of each W2 (default {N_EVAL})")
     parser.add_argument("--sample-n", type=int, default=10_000, help="samples per run in the sampling benchmark (default 10000)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each sampler, best counted (default 3)")
-    parser.add_argument("--their-foreach", action="store_true", help="build the other sides' AdamW with foreach=True, as Trainer does")
     args = parser.parse_args(argv)
-    for name in ("steps", "ot_steps", "block", "seeds", "sample_n", "repeats"):
+    for name in ("steps", "ot_steps", "block", "seeds", "n_eval", "sample_n", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
@@ -292,27 +292,25 @@ def main(argv: list[str] | None = None) -> None:
 
     toy = make_toy("moons", noise=MOONS_NOISE)
     data = torch.from_numpy(toy.sample(N_TRAIN, make_rng(0, "bench", "train"))).float()
-    heldout = toy.sample(N_EVAL, make_rng(0, "bench", "heldout"))
-    floor = metrics.noise_floor(metrics.w2, toy.sample, N_EVAL, [make_rng(0, "bench", "floor", k) for k in range(FLOOR_SEEDS)])
+    heldout = toy.sample(args.n_eval, make_rng(0, "bench", "heldout"))
+    floor = metrics.noise_floor(metrics.w2, toy.sample, args.n_eval, [make_rng(0, "bench", "floor", k) for k in range(FLOOR_SEEDS)])
     seeds = list(range(args.seeds))
 
     import flow_matching
     import torchcfm
 
     print(f"bench_cpu: {platform.processor() or platform.machine()}, torch {torch.__version__}, torchcfm {torchcfm.__version__}, flow_matching {flow_matching.__version__}")
-    foreach = True if args.their_foreach else None
     print(f"threads: torch {torch.get_num_threads()}, BLAS 1; batch {BATCH_SIZE}; VelocityMLP {LAYERS} x {HIDDEN} SiLU; AdamW lr {LR}; clip {GRAD_CLIP}; EMA {EMA_DECAY}")
-    print(f"AdamW implementation: ours foreach=True, the others {'foreach=True' if foreach else 'the default (a per-tensor loop on the CPU)'}")
-    print(f"W2: {N_EVAL} Euler samples at NFE {SAMPLE_NFE} (EMA weights) against {N_EVAL} held-out points; noise floor over {FLOOR_SEEDS} seeds")
+    print(f"W2: {args.n_eval} Euler samples at NFE {SAMPLE_NFE} (EMA weights) against {args.n_eval} held-out points; noise floor over {FLOOR_SEEDS} seeds")
 
     plain, model = run_comparison(
-        "plain CFM", [lambda s: ours(s, args.steps, "independent"), lambda s: torchcfm_side(s, args.steps, "independent", foreach), lambda s: flow_matching_side(s, args.steps, foreach)],
+        "plain CFM", [lambda s: ours(s, args.steps, "independent"), lambda s: torchcfm_side(s, args.steps, "independent"), lambda s: flow_matching_side(s, args.steps)],
         args.steps, args.block, seeds, data, heldout,
     )
     print_table(f"plain CFM, {args.steps} steps, seeds {seeds}", plain, floor)
 
     ot_runs, _ = run_comparison(
-        "minibatch OT", [lambda s: ours(s, args.ot_steps, "minibatch_ot"), lambda s: torchcfm_side(s, args.ot_steps, "minibatch_ot", foreach)],
+        "minibatch OT", [lambda s: ours(s, args.ot_steps, "minibatch_ot"), lambda s: torchcfm_side(s, args.ot_steps, "minibatch_ot")],
         args.ot_steps, args.block, seeds, data, heldout,
     )
     print_table(f"minibatch OT CFM, {args.ot_steps} steps, seeds {seeds}", ot_runs, floor)

@@ -4,9 +4,10 @@ Trains ``flowmatch.models.UNet`` on random CIFAR-10-shaped data (3 x 32 x 32, un
 in [-1, 1]) with ``flowmatch.training.Trainer`` (bf16 autocast, AdamW, clipping, EMA),
 once eager and once with ``torch.compile``. The first ``--warmup`` steps of each run
 are not timed, which also leaves compilation out. It prints steps and images per
-second, and the achieved fraction of the GPU's dense bf16 peak: the FLOPs of one
-training step (forward and backward, counted by ``torch.utils.flop_counter.FlopCounterMode``
-on the eager model) times steps per second, divided by the peak.
+second, and the achieved fraction of the GPU's dense bf16 peak. That fraction is the
+FLOPs of one training step times steps per second, divided by the peak. The FLOPs are
+those of the forward and backward pass, counted by
+``torch.utils.flop_counter.FlopCounterMode`` on the eager model.
 
 Usage: ``python bench/bench_gpu.py [--steps 300] [--batch-size 128] [--channels 128]``.
 Without CUDA it stops with one line. ``--device cpu --steps 2`` runs the same code

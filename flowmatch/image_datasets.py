@@ -26,7 +26,7 @@ PIXEL_MAX = 255.0
 
 @dataclass(frozen=True)
 class ImageSource:
-    """Where torchvision looks for one data set's files, relative to the root folder.
+    """The files of one data set as torchvision expects them under the root folder.
 
     ``class_name`` is the torchvision class (``torchvision.datasets.MNIST`` and so on).
     ``files`` must all be in ``folder``. With ``gzip_accepted`` a file may also be
@@ -100,7 +100,7 @@ def missing_files(name: str, root: str | os.PathLike) -> list[str]:
 
 
 def _unpack_gzipped(source: ImageSource, folder: Path) -> None:
-    """Write ``NAME`` next to each ``NAME.gz`` whose unpacked form is missing; torchvision reads only the unpacked files."""
+    """Write ``NAME`` next to each ``NAME.gz`` whose unpacked form is missing, because torchvision reads only unpacked files."""
     for file in source.files:
         target, packed = folder / file, folder / f"{file}.gz"
         if target.is_file() or not packed.is_file():
@@ -123,7 +123,7 @@ def _describe_missing(source: ImageSource, folder: Path, missing: list[str]) -> 
 
 
 def _checksum_failures(source: ImageSource, folder: Path, dataset_class) -> list[str]:
-    """Return the files that fail the MD5 sums in torchvision's class table (CIFAR-10 only; MNIST files have none)."""
+    """Return the files that fail the MD5 sums in torchvision's class table. Only CIFAR-10 has such a table."""
     from torchvision.datasets.utils import check_integrity
 
     table = getattr(dataset_class, "train_list", []) + getattr(dataset_class, "test_list", [])
