@@ -284,8 +284,14 @@ def test_sigint_removes_temp_file(tmp_path, monkeypatch, capsys):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(5)
 
-    with pytest.raises(SystemExit) as caught:
-        common.run_stage(main)
+    # A shell starts background jobs (and so some CI runners) with SIGINT ignored; Ctrl-C in
+    # a terminal reaches Python's default handler, which this test needs.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(SystemExit) as caught:
+            common.run_stage(main)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
     assert caught.value.code == 128 + signal.SIGINT
     assert list(target.parent.iterdir()) == []
