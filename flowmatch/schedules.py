@@ -2,7 +2,7 @@
 
 Every schedule satisfies ``alpha_1 = 1`` and ``beta_1 = 0`` exactly. All but ``vp``
 also satisfy ``alpha_0 = 0`` and ``beta_0 = 1`` exactly; ``vp`` comes from diffusion
-models and only approaches them (``Schedule.alpha_0_gap`` says by how much).
+models and only approaches them (``Schedule.alpha_0_gap`` returns the gap).
 """
 
 from __future__ import annotations

@@ -106,9 +106,12 @@ def _check_int(value: object, key: str, minimum: int | None, maximum: int | None
 
 
 def _check_number(value: object, key: str, minimum: float | None, maximum: float | None, strict_min: bool, strict_max: bool) -> float:
-    lower = "" if minimum is None else (f"> {minimum:g}" if strict_min else f">= {minimum:g}")
-    upper = "" if maximum is None else (f"< {maximum:g}" if strict_max else f"<= {maximum:g}")
-    accepted = "a finite number" + (f" {lower}" if lower else "") + (" and" if lower and upper else "") + (f" {upper}" if upper else "")
+    bounds = []
+    if minimum is not None:
+        bounds.append(f"{'>' if strict_min else '>='} {minimum:g}")
+    if maximum is not None:
+        bounds.append(f"{'<' if strict_max else '<='} {maximum:g}")
+    accepted = " ".join(["a finite number", " and ".join(bounds)]).rstrip()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ParamError(key, value, accepted)
     if minimum is not None and (value <= minimum if strict_min else value < minimum):
