@@ -188,6 +188,9 @@ def test_rule_order_first_match_wins():
     assert metrics_check.rule_for("digits.fid_floor", rules).direction == "either"
     assert metrics_check.rule_for("digits.fid", rules).direction == "lower"
     assert metrics_check.rule_for("moons.by_solver.rk4.nfe16.nfe_budget", rules).direction == "ignore"
+    assert metrics_check.rule_for("moons.by_solver.dopri5.nfe64.nfe", rules).direction == "lower"
+    assert metrics_check.rule_for("moons.by_solver.dopri5.nfe64.w2", rules).direction == "lower"
+    assert metrics_check.rule_for("moons.by_solver.dopri5.nfe64.w2", rules).tolerance == 0.10
     assert metrics_check.rule_for("something.unknown", rules).pattern == "*"
 
 

@@ -21,6 +21,7 @@ from flowmatch.training import (
     cfm_loss,
     load_model_file,
     load_velocity_model,
+    make_adamw,
     max_training_time,
     model_file_contents,
     model_velocity,
@@ -207,6 +208,32 @@ def test_ema_state_round_trip():
     assert copy.updates == 1
     assert copy.decay == 0.99
     assert torch.equal(copy.shadow["weight"], ema.shadow["weight"])
+
+
+def test_adamw_is_fused_on_cpu():
+    optimizer = make_adamw(torch.nn.Linear(3, 2), lr=1e-3, weight_decay=0.0)
+
+    assert optimizer.param_groups[0]["fused"] is True
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adamw_first_step_closed_form(weight_decay):
+    # After one step the bias-corrected moments are g and g^2, so AdamW moves each
+    # parameter by -lr (g / (|g| + eps) + weight_decay p), up to rounding.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 8)
+    before = [p.detach().clone() for p in model.parameters()]
+    grads = [torch.randn_like(p) for p in model.parameters()]
+    lr, eps = 1e-2, 1e-8
+    optimizer = make_adamw(model, lr=lr, weight_decay=weight_decay)
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+
+    optimizer.step()
+
+    for p, p0, g in zip(model.parameters(), before, grads):
+        expected = p0 * (1 - lr * weight_decay) - lr * g / (g.abs() + eps)
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-6)
 
 
 def test_batch_order_covers_each_epoch():
