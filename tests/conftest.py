@@ -17,3 +17,11 @@ def _float32_default():
     dtype = torch.get_default_dtype()
     yield
     torch.set_default_dtype(dtype)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Restore PyTorch's CPU thread count after each test, because stages set it for the whole process."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +24,11 @@ import yaml
 from torch import nn
 
 from pipeline_utils import REPO
+from stage_utils import copy_params, run_in_directory, run_stage_expecting_error
 from stages import evaluate as evaluate_stage
 from stages import prepare as prepare_stage
 from stages import sample as sample_stage
 from stages import train as train_stage
-from stages.common import run_stage
 from stages.config import load_params
 
 TRAIN = {"steps": 30, "batch_size": 32, "hidden": 16, "layers": 2, "warmup_steps": 5, "log_every": 5, "checkpoint_every": 10, "device": "cpu"}
@@ -41,21 +40,15 @@ CHECKPOINT = Path("data/checkpoints/moons/checkpoint.pt")
 MODEL = Path("data/models/moons/model.pt")
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """The train and sample stages set the process-wide CPU thread count; restore it afterwards."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_params(directory: Path, **train) -> None:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["train"].update(TRAIN, **train)
-    params["sample"].update(SAMPLE)
-    params["data"].update(DATA)
-    params["evaluate"].update({key: value for key, value in EVALUATE.items() if key in params["evaluate"]})
-    (directory / "params.yaml").write_text(yaml.safe_dump(params))
+    evaluate = yaml.safe_load((REPO / "params.yaml").read_text())["evaluate"]
+    sections = {
+        "train": {**TRAIN, **train},
+        "sample": SAMPLE,
+        "data": DATA,
+        "evaluate": {key: value for key, value in EVALUATE.items() if key in evaluate},
+    }
+    copy_params(directory, sections)
 
 
 def write_moons(directory: Path, train: np.ndarray | None = None) -> Path:
@@ -66,26 +59,6 @@ def write_moons(directory: Path, train: np.ndarray | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, train=train, test=train[:50])
     return path
-
-
-def run_expecting_error(stage, directory: Path, monkeypatch, capsys, *arguments: str) -> str:
-    """Run ``stage.main`` as its ``__main__`` does; check exit code 2 and return the one error line."""
-    monkeypatch.chdir(directory)
-    monkeypatch.setattr(sys, "argv", [stage.__name__, *arguments])
-    with pytest.raises(SystemExit) as caught:
-        run_stage(stage.main)
-    stderr = capsys.readouterr().err
-    assert caught.value.code == 2, stderr
-    assert "Traceback" not in stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, stderr
-    return errors[0]
-
-
-def run_ok(stage, directory: Path, monkeypatch, *arguments: str) -> None:
-    monkeypatch.chdir(directory)
-    monkeypatch.setattr(sys, "argv", [stage.__name__, *arguments])
-    stage.main()
 
 
 # ---------------------------------------------------------------- training
@@ -141,11 +114,11 @@ def checkpoint_trainer(directory: Path) -> dict:
     return torch.load(directory / CHECKPOINT, map_location="cpu", weights_only=True)["trainer"]
 
 
-def test_train_nan_loss_names_step(faulty_training, monkeypatch, capsys):
+def test_train_nan_loss_names_step(faulty_training, capsys):
     directory, make_faulty = faulty_training
     make_faulty(25, "nan")
 
-    message = run_expecting_error(train_stage, directory, monkeypatch, capsys, "moons")
+    message = run_stage_expecting_error(train_stage.main, directory, capsys, "moons")
 
     assert "stopped at step 25" in message
     assert "the loss is nan" in message
@@ -155,11 +128,11 @@ def test_train_nan_loss_names_step(faulty_training, monkeypatch, capsys):
     assert not (directory / "reports" / "timing" / "train_moons.json").exists()
 
 
-def test_train_nan_keeps_finite_checkpoint(faulty_training, monkeypatch, capsys):
+def test_train_nan_keeps_finite_checkpoint(faulty_training, capsys):
     directory, make_faulty = faulty_training
     make_faulty(25, "nan")
 
-    run_expecting_error(train_stage, directory, monkeypatch, capsys, "moons")
+    run_stage_expecting_error(train_stage.main, directory, capsys, "moons")
     trainer = checkpoint_trainer(directory)
 
     assert trainer["step"] == 20
@@ -167,11 +140,11 @@ def test_train_nan_keeps_finite_checkpoint(faulty_training, monkeypatch, capsys)
     assert all(torch.isfinite(value).all() for value in trainer["ema"]["shadow"].values())
 
 
-def test_train_infinite_gradient_names_step(faulty_training, monkeypatch, capsys):
+def test_train_infinite_gradient_names_step(faulty_training, capsys):
     directory, make_faulty = faulty_training
     make_faulty(13, "gradient")
 
-    message = run_expecting_error(train_stage, directory, monkeypatch, capsys, "moons")
+    message = run_stage_expecting_error(train_stage.main, directory, capsys, "moons")
 
     assert "stopped at step 13" in message
     assert "the gradient norm is" in message
@@ -180,36 +153,36 @@ def test_train_infinite_gradient_names_step(faulty_training, monkeypatch, capsys
     assert not (directory / MODEL).exists()
 
 
-def test_train_infinite_gradient_keeps_finite_weights(faulty_training, monkeypatch, capsys):
+def test_train_infinite_gradient_keeps_finite_weights(faulty_training, capsys):
     directory, make_faulty = faulty_training
     make_faulty(13, "gradient")
 
-    run_expecting_error(train_stage, directory, monkeypatch, capsys, "moons")
+    run_stage_expecting_error(train_stage.main, directory, capsys, "moons")
     trainer = checkpoint_trainer(directory)
 
     assert trainer["step"] == 10
     assert all(torch.isfinite(value).all() for value in trainer["model"].values())
 
 
-def test_train_first_step_nan_has_no_checkpoint(faulty_training, monkeypatch, capsys):
+def test_train_first_step_nan_has_no_checkpoint(faulty_training, capsys):
     directory, make_faulty = faulty_training
     make_faulty(0, "nan")
 
-    message = run_expecting_error(train_stage, directory, monkeypatch, capsys, "moons")
+    message = run_stage_expecting_error(train_stage.main, directory, capsys, "moons")
 
     assert "stopped at step 0" in message
     assert "no checkpoint was written" in message
     assert not (directory / CHECKPOINT).exists()
 
 
-def test_train_nan_in_data_names_file_and_count(tmp_path, monkeypatch, capsys):
+def test_train_nan_in_data_names_file_and_count(tmp_path, capsys):
     write_params(tmp_path)
     train = np.random.default_rng(0).standard_normal((300, 2)).astype(np.float32)
     train[[3, 7], 1] = np.nan
     train[11, 0] = np.inf
     write_moons(tmp_path, train)
 
-    message = run_expecting_error(train_stage, tmp_path, monkeypatch, capsys, "moons")
+    message = run_stage_expecting_error(train_stage.main, tmp_path, capsys, "moons")
 
     assert "data/prepared/moons.npz" in message
     assert "3 non-finite values" in message
@@ -224,9 +197,7 @@ def prepared(tmp_path_factory) -> Path:
     """A folder with params.yaml and the prepared data sets of a tiny prepare run."""
     directory = tmp_path_factory.mktemp("prepared")
     write_params(directory)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(directory)
-        prepare_stage.main()
+    run_in_directory(prepare_stage.main, directory)
     return directory
 
 
@@ -251,7 +222,7 @@ def copy_prepared(prepared: Path, target: Path) -> Path:
     return target
 
 
-def test_evaluate_counts_non_finite_samples(prepared, trained, tmp_path, monkeypatch, caplog):
+def test_evaluate_counts_non_finite_samples(prepared, trained, tmp_path, caplog):
     directory = copy_prepared(prepared, tmp_path)
     copy_model(trained, directory)
     good = np.random.default_rng(1).standard_normal((128, 2))
@@ -261,7 +232,7 @@ def test_evaluate_counts_non_finite_samples(prepared, trained, tmp_path, monkeyp
     write_samples(directory, {"euler_nfe8": bad, "rk4_nfe8": good})
 
     with caplog.at_level(logging.WARNING, logger="flowmatch.evaluate"):
-        run_ok(evaluate_stage, directory, monkeypatch, "moons")
+        run_in_directory(evaluate_stage.main, directory, "moons")
 
     assert "euler_nfe8: 3 of 128 samples contain NaN or infinite values" in caplog.text
     metrics = json.loads((directory / "reports" / "metrics" / "moons.json").read_text())
@@ -269,12 +240,12 @@ def test_evaluate_counts_non_finite_samples(prepared, trained, tmp_path, monkeyp
     assert metrics["solver"] == "rk4"
 
 
-def test_evaluate_all_non_finite_exits(prepared, trained, tmp_path, monkeypatch, capsys):
+def test_evaluate_all_non_finite_exits(prepared, trained, tmp_path, capsys):
     directory = copy_prepared(prepared, tmp_path)
     copy_model(trained, directory)
     write_samples(directory, {"euler_nfe8": np.full((64, 2), np.nan)})
 
-    message = run_expecting_error(evaluate_stage, directory, monkeypatch, capsys, "moons")
+    message = run_stage_expecting_error(evaluate_stage.main, directory, capsys, "moons")
 
     assert "NaN or infinite" in message
     assert not (directory / "reports" / "metrics" / "moons.json").exists()
@@ -283,23 +254,23 @@ def test_evaluate_all_non_finite_exits(prepared, trained, tmp_path, monkeypatch,
 # ---------------------------------------------------------------- corrupt input files
 
 
-def test_train_truncated_data_names_file(tmp_path, monkeypatch, capsys):
+def test_train_truncated_data_names_file(tmp_path, capsys):
     write_params(tmp_path)
     path = write_moons(tmp_path)
     path.write_bytes(path.read_bytes()[:-100])
 
-    message = run_expecting_error(train_stage, tmp_path, monkeypatch, capsys, "moons")
+    message = run_stage_expecting_error(train_stage.main, tmp_path, capsys, "moons")
 
     assert "data/prepared/moons.npz: cannot read the file" in message
     assert not (tmp_path / "data" / "models").exists()
 
 
-def test_train_altered_data_names_file(tmp_path, monkeypatch, capsys):
+def test_train_altered_data_names_file(tmp_path, capsys):
     write_params(tmp_path)
     path = write_moons(tmp_path)
     np.savez(path, test=np.zeros((5, 2), dtype=np.float32))
 
-    message = run_expecting_error(train_stage, tmp_path, monkeypatch, capsys, "moons")
+    message = run_stage_expecting_error(train_stage.main, tmp_path, capsys, "moons")
 
     assert "data/prepared/moons.npz: no 'train' array" in message
 
@@ -323,12 +294,12 @@ def write_misfit_checkpoint(directory: Path) -> None:
     torch.save({"fingerprint": expected, "trainer": trainer.state_dict(), "history": []}, path)
 
 
-def test_train_misfit_checkpoint_names_file(tmp_path, monkeypatch, capsys):
+def test_train_misfit_checkpoint_names_file(tmp_path, capsys):
     write_params(tmp_path)
     write_moons(tmp_path)
     write_misfit_checkpoint(tmp_path)
 
-    message = run_expecting_error(train_stage, tmp_path, monkeypatch, capsys, "moons")
+    message = run_stage_expecting_error(train_stage.main, tmp_path, capsys, "moons")
 
     assert str(CHECKPOINT) in message
     assert not (tmp_path / MODEL).exists()
@@ -340,12 +311,7 @@ def trained(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("trained")
     write_params(directory)
     write_moons(directory)
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(directory)
-        patch.setattr(sys, "argv", ["stages.train", "moons"])
-        train_stage.main()
-    torch.set_num_threads(threads)
+    run_in_directory(train_stage.main, directory, "moons")
     return directory
 
 
@@ -356,35 +322,35 @@ def copy_model(trained: Path, target: Path) -> Path:
     return target / MODEL
 
 
-def test_sample_truncated_model_names_file(trained, tmp_path, monkeypatch, capsys):
+def test_sample_truncated_model_names_file(trained, tmp_path, capsys):
     path = copy_model(trained, tmp_path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
-    message = run_expecting_error(sample_stage, tmp_path, monkeypatch, capsys, "moons")
+    message = run_stage_expecting_error(sample_stage.main, tmp_path, capsys, "moons")
 
     assert f"{MODEL}: cannot read the model" in message
     assert not (tmp_path / "data" / "samples").exists()
 
 
-def test_sample_misfit_weights_names_file(trained, tmp_path, monkeypatch, capsys):
+def test_sample_misfit_weights_names_file(trained, tmp_path, capsys):
     path = copy_model(trained, tmp_path)
     contents = torch.load(path, weights_only=True)
     contents["config"]["hidden"] *= 2
     torch.save(contents, path)
 
-    message = run_expecting_error(sample_stage, tmp_path, monkeypatch, capsys, "moons")
+    message = run_stage_expecting_error(sample_stage.main, tmp_path, capsys, "moons")
 
     assert f"{MODEL}: cannot read the model" in message
     assert "size mismatch" in message
     assert not (tmp_path / "data" / "samples").exists()
 
 
-def test_evaluate_wrong_sample_shape_names_file(prepared, trained, tmp_path, monkeypatch, capsys):
+def test_evaluate_wrong_sample_shape_names_file(prepared, trained, tmp_path, capsys):
     directory = copy_prepared(prepared, tmp_path)
     copy_model(trained, directory)
     path = write_samples(directory, {"euler_nfe8": np.zeros((64, 3)), "rk4_nfe8": np.zeros((64, 2))})
 
-    message = run_expecting_error(evaluate_stage, directory, monkeypatch, capsys, "moons")
+    message = run_stage_expecting_error(evaluate_stage.main, directory, capsys, "moons")
 
     assert str(path.relative_to(directory)) in message
     assert "euler_nfe8" in message

@@ -11,18 +11,16 @@ import torch
 import yaml
 
 from flowmatch.datasets import load_digits_split
+from stage_utils import copy_params, run_in_directory
 from stages import classifier
 from stages.common import StageError, save_npz
 from stages.config import ClassifierParams
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def write_project(directory: Path, **classifier_overrides) -> None:
     """Write params.yaml with ``classifier`` overrides and the prepared digit split into ``directory``."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["classifier"].update(classifier_overrides)
-    (directory / "params.yaml").write_text(yaml.safe_dump(params))
+    copy_params(directory, {"classifier": classifier_overrides})
+    params = yaml.safe_load((directory / "params.yaml").read_text())
     split = load_digits_split(params["data"]["digits_test_fraction"], params["seed"])
     save_npz(
         directory / "data" / "prepared" / "digits.npz",
@@ -37,9 +35,7 @@ def write_project(directory: Path, **classifier_overrides) -> None:
 def trained(tmp_path_factory):
     directory = tmp_path_factory.mktemp("classifier")
     write_project(directory)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(directory)
-        classifier.main()
+    run_in_directory(classifier.main, directory)
     return directory
 
 

@@ -8,17 +8,14 @@ as memorisation.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from flowmatch.datasets import make_rng, make_toy, sample_gaussian
@@ -27,11 +24,11 @@ from flowmatch.models import build_model
 from flowmatch.paths import conditional_velocity_x
 from flowmatch.schedules import get_schedule
 from flowmatch.training import LoadedModel, Trainer, TrainSettings, model_file_contents, schedule_config
+from stage_utils import copy_params, run_in_directory, run_python_module
 from stages import classifier, evaluate, evaluate_flow, prepare
 from stages.common import save_npz, save_torch
 from stages.config import load_params
 
-REPO = Path(__file__).resolve().parents[1]
 N_SAMPLES = 300
 
 # Small settings of the learned-flow metrics, so that each evaluation takes about a second.
@@ -61,31 +58,26 @@ def write_untrained_mlp(directory: Path, dataset: str, shape: list[int], schedul
 
 
 def run_evaluate(directory: Path, dataset: str) -> dict:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(directory)
-        patch.setattr(sys, "argv", ["evaluate", dataset])
-        evaluate.main()
+    run_in_directory(evaluate.main, directory, dataset)
     return json.loads((directory / "reports" / "metrics" / f"{dataset}.json").read_text())
 
 
 def run_module(directory: Path, *arguments: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "stages.evaluate", *arguments], cwd=directory, env=env, capture_output=True, text=True, timeout=120)
+    return run_python_module("stages.evaluate", directory, *arguments, timeout=120)
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A project folder with small prepared sets, a briefly trained classifier and sample sets."""
     directory = tmp_path_factory.mktemp("evaluate")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update({"n_train": 400, "n_test": 400})
-    params["classifier"].update({"epochs": 4, "min_accuracy": 0.5})
-    params["evaluate"].update({"n_eval": 2000, "floor_seeds": 5, **LEARNED_FLOW_PARAMS})
-    (directory / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(directory)
-        prepare.main()
-        classifier.main()
+    sections = {
+        "data": {"n_train": 400, "n_test": 400},
+        "classifier": {"epochs": 4, "min_accuracy": 0.5},
+        "evaluate": {"n_eval": 2000, "floor_seeds": 5, **LEARNED_FLOW_PARAMS},
+    }
+    copy_params(directory, sections)
+    run_in_directory(prepare.main, directory)
+    run_in_directory(classifier.main, directory)
     for dataset, shape in (("moons", [2]), ("gaussian", [2]), ("digits", [1, 8, 8])):
         write_untrained_mlp(directory, dataset, shape)
 
@@ -280,9 +272,7 @@ def image_metrics(tmp_path_factory):
     from flowmatch.datasets import load_digits_split
 
     directory = tmp_path_factory.mktemp("evaluate_images")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["evaluate"].update({"n_eval": 2000, "floor_seeds": 5, "straightness_n": 16, "straightness_steps": 4})
-    (directory / "params.yaml").write_text(yaml.safe_dump(params))
+    copy_params(directory, {"evaluate": {"n_eval": 2000, "floor_seeds": 5, "straightness_n": 16, "straightness_steps": 4}})
 
     split = load_digits_split(0.25, seed=0)
     upscale = lambda images: np.kron(images, np.ones((1, 1, 2, 2), dtype=np.float32))
@@ -552,8 +542,6 @@ def test_evaluate_missing_model(project, tmp_path):
 
 
 def test_evaluate_params_reject_reversed_time_range(tmp_path):
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["evaluate"].update({"velocity_error_t_min": 0.9, "velocity_error_t_max": 0.1})
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    copy_params(tmp_path, {"evaluate": {"velocity_error_t_min": 0.9, "velocity_error_t_max": 0.1}})
     with pytest.raises(evaluate.StageError, match="evaluate.velocity_error_t_max"):
         load_params(tmp_path / "params.yaml")

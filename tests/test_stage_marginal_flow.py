@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from flowmatch.gaussian import GaussianPath
 from flowmatch.schedules import SCHEDULE_NAMES, get_schedule
+from stage_utils import cached_stage_runner, copy_params, read_json_strict
 from stages import gaussian_checks, marginal_flow
 from stages.common import run_stage
 
-REPO = Path(__file__).resolve().parents[1]
 FIGURES = ("landing.png", "velocity_density.png", "gaussian_mc.png", "gaussian_flow.png", "continuity.png", "solver_convergence.png", "likelihood.png")
 SOLVER_ORDERS = {"euler": 1.0, "midpoint": 2.0, "heun": 2.0, "rk4": 4.0}
 # Schedules under which v(t) = alpha_t^2 lam + beta_t^2 is quadratic in t, where the
@@ -43,10 +40,7 @@ TINY = {
 
 
 def write_params(directory: Path, schedule: str = "cosine", **overrides) -> None:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["schedule"] = schedule
-    raw["marginal_flow"] = {**TINY, **overrides}
-    (directory / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    copy_params(directory, {"marginal_flow": {**TINY, **overrides}}, schedule)
 
 
 def write_prepared(directory: Path) -> None:
@@ -66,43 +60,27 @@ def write_prepared(directory: Path) -> None:
     np.savez(prepared / "gaussian.npz", train=samples, test=samples, mean=mean, cov=cov)
 
 
+def write_inputs(directory: Path, schedule: str, **overrides) -> None:
+    write_prepared(directory)
+    write_params(directory, schedule, **overrides)
+
+
 @pytest.fixture()
 def in_tmp(tmp_path, monkeypatch):
-    """Run in a directory with tiny prepared data; restore PyTorch's thread count, which the stage lowers."""
-    threads = torch.get_num_threads()
+    """Run in a directory with tiny prepared data."""
     write_prepared(tmp_path)
     monkeypatch.chdir(tmp_path)
-    yield tmp_path
-    torch.set_num_threads(threads)
+    return tmp_path
 
 
 @pytest.fixture(scope="module")
 def stage_run(tmp_path_factory):
     """Return a function that runs the stage once per (schedule, overrides) in its own directory and returns it."""
-    directories = {}
-
-    def run(schedule: str, **overrides) -> Path:
-        key = (schedule, tuple(sorted((k, str(v)) for k, v in overrides.items())))
-        if key not in directories:
-            directory = tmp_path_factory.mktemp(f"marginal_flow_{schedule}")
-            write_prepared(directory)
-            write_params(directory, schedule, **overrides)
-            threads, cwd = torch.get_num_threads(), os.getcwd()
-            os.chdir(directory)
-            try:
-                marginal_flow.main()
-            finally:
-                os.chdir(cwd)
-                torch.set_num_threads(threads)
-            directories[key] = directory
-        return directories[key]
-
-    return run
+    return cached_stage_runner(tmp_path_factory, marginal_flow.main, write_inputs)
 
 
 def read_metrics(directory: Path) -> dict:
-    text = (directory / "reports/metrics/marginal_flow.json").read_text()
-    return json.loads(text, parse_constant=lambda token: pytest.fail(f"metrics contain {token}"))
+    return read_json_strict(directory / "reports/metrics/marginal_flow.json")
 
 
 @pytest.mark.parametrize("schedule", SCHEDULE_NAMES)

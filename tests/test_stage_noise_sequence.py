@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,10 +13,9 @@ from PIL import Image
 
 from flowmatch.marginal import marginal_velocity
 from flowmatch.schedules import SCHEDULE_NAMES, get_schedule
+from stage_utils import copy_params, run_in_directory, run_python_module, run_stage_expecting_error
 from stages import noise_sequence
-from stages.common import run_stage
 
-REPO = Path(__file__).resolve().parents[1]
 FIGURES = Path("reports/figures")
 SIZE = 64
 MAX_BYTES = 2 * 1024 * 1024
@@ -26,17 +23,7 @@ MAX_BYTES = 2 * 1024 * 1024
 
 def write_params(directory: Path, schedule: str | None = None, **noise_sequence_values) -> Path:
     """Copy the repository's params.yaml into ``directory`` with a small image and the given overrides."""
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["noise_sequence"].update({"size": SIZE, "steps": 6}, **noise_sequence_values)
-    if schedule is not None:
-        raw["schedule"] = schedule
-    (directory / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    return directory
-
-
-def run_in_process(directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(directory)
-    noise_sequence.main()
+    return copy_params(directory, {"noise_sequence": {"size": SIZE, "steps": 6, **noise_sequence_values}}, schedule)
 
 
 @dataclass
@@ -53,8 +40,7 @@ class Runs:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Runs:
     first = write_params(tmp_path_factory.mktemp("first"))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "stages.noise_sequence"], cwd=first, env=env, capture_output=True, text=True, timeout=300)
+    result = run_python_module("stages.noise_sequence", first, timeout=300)
 
     drawn_arrows = []
     draw_arrow = noise_sequence.draw_arrow
@@ -67,9 +53,8 @@ def runs(tmp_path_factory) -> Runs:
     other_schedule = write_params(tmp_path_factory.mktemp("other_schedule"), schedule="linear")
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setattr(noise_sequence, "draw_arrow", recording_draw_arrow)
-        run_in_process(second, monkeypatch)
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        run_in_process(other_schedule, monkeypatch)
+        run_in_directory(noise_sequence.main, second)
+    run_in_directory(noise_sequence.main, other_schedule)
     return Runs(first, result, second, other_schedule, drawn_arrows)
 
 
@@ -175,71 +160,65 @@ def test_noise_seed_reproducible():
     assert float(first.z.max()) <= 1.0
 
 
-def run_expecting_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, **values) -> str:
-    """Run the stage in ``tmp_path`` with bad values; return its single error line after checking exit code 2."""
+def run_expecting_error(tmp_path: Path, capsys, **values) -> str:
+    """Run the stage in ``tmp_path`` with bad values, check that it leaves no figure and return its error line."""
     write_params(tmp_path, **values)
-    monkeypatch.chdir(tmp_path)
-    capsys.readouterr()
 
-    with pytest.raises(SystemExit) as caught:
-        run_stage(noise_sequence.main)
+    error_line = run_stage_expecting_error(noise_sequence.main, tmp_path, capsys)
 
-    assert caught.value.code == 2
-    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1
     assert not (tmp_path / FIGURES).exists() or not any((tmp_path / FIGURES).iterdir())
-    return error_lines[0]
+    return error_line
 
 
-def test_missing_image_fails(tmp_path, monkeypatch, capsys):
+def test_missing_image_fails(tmp_path, capsys):
     path = tmp_path / "no_such_cat.png"
 
-    line = run_expecting_error(tmp_path, monkeypatch, capsys, image=str(path))
+    line = run_expecting_error(tmp_path, capsys, image=str(path))
 
     assert str(path) in line
     assert "not found" in line
 
 
-def test_unreadable_image_fails(tmp_path, monkeypatch, capsys):
+def test_unreadable_image_fails(tmp_path, capsys):
     path = tmp_path / "cat.png"
     path.write_bytes(b"this is not a PNG file\n")
 
-    line = run_expecting_error(tmp_path, monkeypatch, capsys, image=str(path))
+    line = run_expecting_error(tmp_path, capsys, image=str(path))
 
     assert str(path) in line
     assert "not a readable image" in line
 
 
-def test_truncated_image_fails(tmp_path, monkeypatch, capsys):
+def test_truncated_image_fails(tmp_path, capsys):
     path = tmp_path / "cat.png"
     Image.new("RGB", (128, 128), color=(10, 20, 30)).save(path)
     path.write_bytes(path.read_bytes()[:60])
 
-    line = run_expecting_error(tmp_path, monkeypatch, capsys, image=str(path))
+    line = run_expecting_error(tmp_path, capsys, image=str(path))
 
     assert str(path) in line
     assert "cannot read the image" in line
 
 
-def test_too_small_image_fails(tmp_path, monkeypatch, capsys):
+def test_too_small_image_fails(tmp_path, capsys):
     path = tmp_path / "small.png"
     Image.new("RGB", (80, 40), color=(10, 20, 30)).save(path)
 
-    line = run_expecting_error(tmp_path, monkeypatch, capsys, image=str(path))
+    line = run_expecting_error(tmp_path, capsys, image=str(path))
 
     assert str(path) in line
     assert "80x40" in line
     assert "noise_sequence.size = 64" in line
 
 
-def test_directory_as_image_fails(tmp_path, monkeypatch, capsys):
-    line = run_expecting_error(tmp_path, monkeypatch, capsys, image=str(tmp_path))
+def test_directory_as_image_fails(tmp_path, capsys):
+    line = run_expecting_error(tmp_path, capsys, image=str(tmp_path))
 
     assert str(tmp_path) in line
     assert "not a regular file" in line
 
 
-def test_invalid_t_example_fails(tmp_path, monkeypatch, capsys):
-    line = run_expecting_error(tmp_path, monkeypatch, capsys, t_example=1.0)
+def test_invalid_t_example_fails(tmp_path, capsys):
+    line = run_expecting_error(tmp_path, capsys, t_example=1.0)
 
     assert "'noise_sequence.t_example'" in line

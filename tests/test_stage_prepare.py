@@ -3,32 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from flowmatch.datasets import make_toy
+from stage_utils import copy_params, run_python_module
 from stages import prepare
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def write_params(directory: Path, **data_overrides) -> None:
     """Write the repository's params.yaml into ``directory`` with small sets and ``data`` overrides."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update({"n_train": 300, "n_test": 200})
-    params["data"].update(data_overrides)
-    (directory / "params.yaml").write_text(yaml.safe_dump(params))
-
-
-def run_module(directory: Path, module: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", module], cwd=directory, env=env, capture_output=True, text=True, timeout=120)
+    copy_params(directory, {"data": {"n_train": 300, "n_test": 200, **data_overrides}})
 
 
 @pytest.fixture
@@ -94,7 +81,7 @@ def test_prepare_reproducible(prepared):
 
 def test_prepare_rejects_negative_count(tmp_path):
     write_params(tmp_path, n_train=-5)
-    result = run_module(tmp_path, "stages.prepare")
+    result = run_python_module("stages.prepare", tmp_path, timeout=120)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert "data.n_train" in result.stderr
@@ -104,6 +91,6 @@ def test_prepare_rejects_negative_count(tmp_path):
 
 def test_prepare_rejects_one_cell_board(tmp_path):
     write_params(tmp_path, checkerboard_cells=1)
-    result = run_module(tmp_path, "stages.prepare")
+    result = run_python_module("stages.prepare", tmp_path, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: params.yaml: invalid value for 'data.checkerboard_cells'")

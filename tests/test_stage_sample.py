@@ -3,32 +3,26 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from flowmatch.models import build_model
 from flowmatch.schedules import get_schedule
 from flowmatch.solvers import NFE_PER_STEP
 from flowmatch.training import Trainer, TrainSettings, model_file_contents, schedule_config
+from stage_utils import copy_params, run_in_directory, run_stage_expecting_error
 from stages import sample as sample_stage
-from stages.common import run_stage
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG = {"kind": "mlp", "shape": [2], "hidden": 16, "layers": 2, "time_dim": 8}
 SOLVERS = ["euler", "midpoint", "rk4", "dopri5"]
 BUDGETS = [2, 8, 64]
 
 
 def write_params(directory: Path, **sample_overrides) -> None:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["sample"].update({"solvers": SOLVERS, "nfe": BUDGETS, "n_samples": 64, "seed": 3})
-    params["sample"].update(sample_overrides)
-    (directory / "params.yaml").write_text(yaml.safe_dump(params))
+    copy_params(directory, {"sample": {"solvers": SOLVERS, "nfe": BUDGETS, "n_samples": 64, "seed": 3, **sample_overrides}})
 
 
 def write_model(directory: Path, dataset: str = "moons", poison: bool = False) -> None:
@@ -46,24 +40,14 @@ def write_model(directory: Path, dataset: str = "moons", poison: bool = False) -
     torch.save(contents, path)
 
 
-def run_sample(directory: Path, monkeypatch, dataset: str = "moons") -> dict:
-    monkeypatch.chdir(directory)
-    monkeypatch.setattr(sys, "argv", ["stages.sample", dataset])
-    sample_stage.main()
+def run_sample(directory: Path, dataset: str = "moons") -> dict:
+    run_in_directory(sample_stage.main, directory, dataset)
     return json.loads((directory / "data" / "samples" / dataset / "manifest.json").read_text())
 
 
 def load_samples(directory: Path, dataset: str = "moons") -> dict[str, np.ndarray]:
     with np.load(directory / "data" / "samples" / dataset / "samples.npz") as archive:
         return {key: archive[key] for key in archive.files}
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """The stage sets the process-wide CPU thread count from sample.threads; restore it afterwards."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -79,11 +63,7 @@ def sampled(tmp_path_factory):
     directory = tmp_path_factory.mktemp("sampled")
     write_params(directory)
     write_model(directory)
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        manifest = run_sample(directory, monkeypatch)
-    torch.set_num_threads(threads)
-    return directory, manifest
+    return directory, run_sample(directory)
 
 
 @pytest.fixture
@@ -143,21 +123,21 @@ def test_sample_timing_file(sampled):
     assert timing["nfe"]["euler"] == 64
 
 
-def test_sample_reproducible(workdir, monkeypatch):
-    run_sample(workdir, monkeypatch)
+def test_sample_reproducible(workdir):
+    run_sample(workdir)
     first = load_samples(workdir)
-    run_sample(workdir, monkeypatch)
+    run_sample(workdir)
     second = load_samples(workdir)
 
     for key, value in first.items():
         assert np.array_equal(value, second[key]), key
 
 
-def test_sample_schedule_change(tmp_path, monkeypatch):
+def test_sample_schedule_change(tmp_path):
     write_params(tmp_path, schedule="linear", solvers=["rk4"], nfe=[32])
     write_model(tmp_path)
 
-    manifest = run_sample(tmp_path, monkeypatch)
+    manifest = run_sample(tmp_path)
     samples = load_samples(tmp_path)
     assert manifest["train_schedule"] == "cosine"
     assert manifest["sample_schedule"] == "linear"
@@ -179,59 +159,46 @@ def test_dopri5_picks_tightest_fitting_tolerance():
             assert sample_stage.dopri5_runs(velocity, x0, (10_000,), (tolerance,))[10_000].nfe > budget
 
 
-def run_stage_expecting_exit(directory: Path, monkeypatch, capsys, argv: list[str]) -> str:
-    """Run the stage as its ``__main__`` does and return its one-line error."""
-    monkeypatch.chdir(directory)
-    monkeypatch.setattr(sys, "argv", ["stages.sample", *argv])
-    with pytest.raises(SystemExit) as caught:
-        run_stage(sample_stage.main)
-    assert caught.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1
-    return errors[0]
-
-
 def assert_no_output(directory: Path) -> None:
     assert not (directory / "data" / "samples").exists()
     assert not (directory / "reports").exists()
 
 
-def test_sample_unknown_dataset_exits(workdir, monkeypatch, capsys):
-    message = run_stage_expecting_exit(workdir, monkeypatch, capsys, ["mnist"])
+def test_sample_unknown_dataset_exits(workdir, capsys):
+    message = run_stage_expecting_error(sample_stage.main, workdir, capsys, "mnist")
 
     assert "mnist" in message
     assert_no_output(workdir)
 
 
-def test_sample_unknown_solver_exits(workdir, monkeypatch, capsys):
+def test_sample_unknown_solver_exits(workdir, capsys):
     write_params(workdir, solvers=["euler", "leapfrog"])
 
-    message = run_stage_expecting_exit(workdir, monkeypatch, capsys, ["moons"])
+    message = run_stage_expecting_error(sample_stage.main, workdir, capsys, "moons")
     assert "'sample.solvers[1]'" in message
     assert_no_output(workdir)
 
 
 @pytest.mark.parametrize(("key", "value", "named"), [("n_samples", -5, "sample.n_samples"), ("nfe", [8, -4], "sample.nfe[1]"), ("nfe", [8, 8], "sample.nfe")])
-def test_sample_bad_count_exits(workdir, monkeypatch, capsys, key, value, named):
+def test_sample_bad_count_exits(workdir, capsys, key, value, named):
     write_params(workdir, **{key: value})
 
-    message = run_stage_expecting_exit(workdir, monkeypatch, capsys, ["moons"])
+    message = run_stage_expecting_error(sample_stage.main, workdir, capsys, "moons")
     assert f"'{named}'" in message
     assert_no_output(workdir)
 
 
-def test_sample_missing_model_exits(tmp_path, monkeypatch, capsys):
+def test_sample_missing_model_exits(tmp_path, capsys):
     write_params(tmp_path)
 
-    message = run_stage_expecting_exit(tmp_path, monkeypatch, capsys, ["moons"])
+    message = run_stage_expecting_error(sample_stage.main, tmp_path, capsys, "moons")
     assert "data/models/moons/model.pt" in message
 
 
-def test_sample_non_finite_exits_with_count(tmp_path, monkeypatch, capsys):
+def test_sample_non_finite_exits_with_count(tmp_path, capsys):
     write_params(tmp_path)
     write_model(tmp_path, poison=True)
 
-    message = run_stage_expecting_exit(tmp_path, monkeypatch, capsys, ["moons"])
+    message = run_stage_expecting_error(sample_stage.main, tmp_path, capsys, "moons")
     assert "64 of 64 samples are not finite" in message
     assert_no_output(tmp_path)

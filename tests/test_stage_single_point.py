@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
-import yaml
 from PIL import Image
 
 from flowmatch.schedules import SCHEDULE_NAMES
+from stage_utils import cached_stage_runner, copy_params, read_json_strict, run_python_module
 from stages import single_point
 from stages.common import run_stage
 
-REPO = Path(__file__).resolve().parents[1]
 FIGURES = ("moments.png", "convergence.png", "trajectories.png")
 
 TINY = {
@@ -35,47 +29,24 @@ TINY = {
 
 
 def write_params(directory: Path, schedule: str = "cosine", **overrides) -> None:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["schedule"] = schedule
-    raw["single_point"] = {**TINY, **overrides}
-    (directory / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    copy_params(directory, {"single_point": {**TINY, **overrides}}, schedule)
 
 
 @pytest.fixture()
 def in_tmp(tmp_path, monkeypatch):
-    """Run in an empty directory and restore PyTorch's thread count, which the stage lowers."""
-    threads = torch.get_num_threads()
+    """Run in an empty directory."""
     monkeypatch.chdir(tmp_path)
-    yield tmp_path
-    torch.set_num_threads(threads)
+    return tmp_path
 
 
 @pytest.fixture(scope="module")
 def stage_run(tmp_path_factory):
     """Return a function that runs the stage once per (schedule, overrides) in its own directory and returns it."""
-    directories = {}
-
-    def run(schedule: str, **overrides) -> Path:
-        key = (schedule, tuple(sorted((k, str(v)) for k, v in overrides.items())))
-        if key not in directories:
-            directory = tmp_path_factory.mktemp(f"single_point_{schedule}")
-            write_params(directory, schedule, **overrides)
-            threads, cwd = torch.get_num_threads(), os.getcwd()
-            os.chdir(directory)
-            try:
-                single_point.main()
-            finally:
-                os.chdir(cwd)
-                torch.set_num_threads(threads)
-            directories[key] = directory
-        return directories[key]
-
-    return run
+    return cached_stage_runner(tmp_path_factory, single_point.main, write_params)
 
 
 def read_metrics(directory: Path) -> dict:
-    text = (directory / "reports/metrics/single_point.json").read_text()
-    return json.loads(text, parse_constant=lambda token: pytest.fail(f"metrics contain {token}"))
+    return read_json_strict(directory / "reports/metrics/single_point.json")
 
 
 @pytest.mark.parametrize("schedule", SCHEDULE_NAMES)
@@ -152,9 +123,8 @@ def test_bad_param_exits_two(in_tmp, capsys, key, value):
 
 def test_command_line_bad_param_exits_two(tmp_path):
     write_params(tmp_path, solvers=["leapfrog"])
-    env = dict(os.environ, PYTHONPATH=str(REPO))
 
-    result = subprocess.run([sys.executable, "-m", "stages.single_point"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    result = run_python_module("stages.single_point", tmp_path, timeout=120)
 
     assert result.returncode == 2
     assert "single_point.solvers[0]" in result.stderr

@@ -5,9 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +13,9 @@ import torch
 import yaml
 
 import flowmatch.training
+from stage_utils import copy_params, run_in_directory, run_python_module, run_stage_expecting_error
 from stages import train as train_stage
-from stages.common import ParamError, run_stage
+from stages.common import ParamError
 from stages.config import parse_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,10 +34,7 @@ TINY_TRAIN = {
 
 def write_params(directory: Path, **train_overrides) -> None:
     """Write the repository's params.yaml into ``directory`` with a tiny ``train`` section."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["train"].update(TINY_TRAIN)
-    params["train"].update(train_overrides)
-    (directory / "params.yaml").write_text(yaml.safe_dump(params))
+    copy_params(directory, {"train": {**TINY_TRAIN, **train_overrides}})
 
 
 def write_gaussian_data(directory: Path, n: int = 256) -> None:
@@ -49,10 +44,8 @@ def write_gaussian_data(directory: Path, n: int = 256) -> None:
     np.savez(directory / "data" / "prepared" / "gaussian.npz", train=train, test=train[:16])
 
 
-def run_train(directory: Path, monkeypatch, dataset: str = "gaussian") -> None:
-    monkeypatch.chdir(directory)
-    monkeypatch.setattr(sys, "argv", ["stages.train", dataset])
-    train_stage.main()
+def run_train(directory: Path, dataset: str = "gaussian") -> None:
+    run_in_directory(train_stage.main, directory, dataset)
 
 
 def read_loss_log(directory: Path, dataset: str = "gaussian") -> list[tuple[int, float]]:
@@ -65,14 +58,6 @@ def load_weights(directory: Path, dataset: str = "gaussian") -> dict:
     return torch.load(directory / "data" / "models" / dataset / "model.pt", weights_only=True)
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """The stage sets the process-wide CPU thread count from train.threads; restore it afterwards."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def workdir(tmp_path):
     write_params(tmp_path)
@@ -80,8 +65,8 @@ def workdir(tmp_path):
     return tmp_path
 
 
-def test_train_writes_model_and_timing(workdir, monkeypatch):
-    run_train(workdir, monkeypatch)
+def test_train_writes_model_and_timing(workdir):
+    run_train(workdir)
 
     contents = load_weights(workdir)
     assert contents["step"] == 30
@@ -92,8 +77,8 @@ def test_train_writes_model_and_timing(workdir, monkeypatch):
     assert timing["steps"] == 30
 
 
-def test_train_logs_every_n_steps(workdir, monkeypatch):
-    run_train(workdir, monkeypatch)
+def test_train_logs_every_n_steps(workdir):
+    run_train(workdir)
 
     steps = [step for step, _ in read_loss_log(workdir)]
     assert steps == [5, 10, 15, 20, 25, 30]
@@ -101,16 +86,16 @@ def test_train_logs_every_n_steps(workdir, monkeypatch):
     assert {path.name for path in metrics_dir.iterdir()} == {"loss.tsv", "lr.tsv"}
 
 
-def test_train_dvclive_writes_no_dvc_files(workdir, monkeypatch):
-    run_train(workdir, monkeypatch)
+def test_train_dvclive_writes_no_dvc_files(workdir):
+    run_train(workdir)
 
     assert not list(workdir.rglob("dvc.yaml"))
     assert not (workdir / ".dvc").exists()
     assert not (workdir / ".git").exists()
 
 
-def test_train_removes_checkpoint_after_success(workdir, monkeypatch):
-    run_train(workdir, monkeypatch)
+def test_train_removes_checkpoint_after_success(workdir):
+    run_train(workdir)
 
     assert not (workdir / "data" / "checkpoints" / "gaussian").exists()
 
@@ -136,15 +121,15 @@ def test_train_resume_matches_uninterrupted(tmp_path, monkeypatch):
         directory.mkdir()
         write_params(directory, coupling="minibatch_ot")
         write_gaussian_data(directory)
-    run_train(straight, monkeypatch)
+    run_train(straight)
 
     with monkeypatch.context() as patch:
         interrupt_at(patch, 17)
         with pytest.raises(Interrupted):
-            run_train(resumed, monkeypatch)
+            run_train(resumed)
     checkpoint = torch.load(resumed / "data" / "checkpoints" / "gaussian" / "checkpoint.pt", weights_only=True)
     assert checkpoint["trainer"]["step"] == 10
-    run_train(resumed, monkeypatch)
+    run_train(resumed)
 
     expected, actual = load_weights(straight), load_weights(resumed)
     for part in ("model", "ema"):
@@ -157,65 +142,52 @@ def test_train_restarts_when_params_change(workdir, monkeypatch, caplog):
     with monkeypatch.context() as patch:
         interrupt_at(patch, 12)
         with pytest.raises(Interrupted):
-            run_train(workdir, monkeypatch)
+            run_train(workdir)
     write_params(workdir, lr=0.005)
 
     with caplog.at_level(logging.INFO, logger="flowmatch.train"):
-        run_train(workdir, monkeypatch)
+        run_train(workdir)
     assert "training starts over" in caplog.text
     assert "resuming" not in caplog.text
     assert json.loads((workdir / "reports" / "timing" / "train_gaussian.json").read_text())["start_step"] == 0
 
 
-def run_stage_expecting_exit(directory: Path, monkeypatch, capsys, argv: list[str]) -> str:
-    """Run the stage as its ``__main__`` does and return its one-line error."""
-    monkeypatch.chdir(directory)
-    monkeypatch.setattr(sys, "argv", ["stages.train", *argv])
-    with pytest.raises(SystemExit) as caught:
-        run_stage(train_stage.main)
-    assert caught.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1
-    return errors[0]
-
-
-def test_train_non_finite_loss_names_step(workdir, monkeypatch, capsys):
+def test_train_non_finite_loss_names_step(workdir, capsys):
     write_params(workdir, lr=1.0e12, grad_clip=0.0, warmup_steps=0)
 
-    message = run_stage_expecting_exit(workdir, monkeypatch, capsys, ["gaussian"])
+    message = run_stage_expecting_error(train_stage.main, workdir, capsys, "gaussian")
     assert "stopped at step" in message
     assert not (workdir / "data" / "models").exists()
 
 
-def test_train_unknown_dataset_exits(workdir, monkeypatch, capsys):
-    message = run_stage_expecting_exit(workdir, monkeypatch, capsys, ["mnist"])
+def test_train_unknown_dataset_exits(workdir, capsys):
+    message = run_stage_expecting_error(train_stage.main, workdir, capsys, "mnist")
 
     assert "mnist" in message
     assert not (workdir / "data" / "models").exists()
     assert not (workdir / "reports").exists()
 
 
-def test_train_negative_steps_exits(workdir, monkeypatch, capsys):
+def test_train_negative_steps_exits(workdir, capsys):
     write_params(workdir, steps=-3)
 
-    message = run_stage_expecting_exit(workdir, monkeypatch, capsys, ["gaussian"])
+    message = run_stage_expecting_error(train_stage.main, workdir, capsys, "gaussian")
     assert "'train.steps'" in message
     assert not (workdir / "reports").exists()
 
 
-def test_train_unet_on_vectors_exits(workdir, monkeypatch, capsys):
+def test_train_unet_on_vectors_exits(workdir, capsys):
     write_params(workdir, model="unet")
 
-    message = run_stage_expecting_exit(workdir, monkeypatch, capsys, ["gaussian"])
+    message = run_stage_expecting_error(train_stage.main, workdir, capsys, "gaussian")
     assert "'train.model'" in message
     assert not (workdir / "reports").exists()
 
 
-def test_train_missing_data_exits(tmp_path, monkeypatch, capsys):
+def test_train_missing_data_exits(tmp_path, capsys):
     write_params(tmp_path)
 
-    message = run_stage_expecting_exit(tmp_path, monkeypatch, capsys, ["moons"])
+    message = run_stage_expecting_error(train_stage.main, tmp_path, capsys, "moons")
     assert "data/prepared/moons.npz" in message
 
 
@@ -271,12 +243,7 @@ def test_batch_not_divisible_by_nproc_raises(raw_params):
     assert caught.value.key == "train.batch_size"
 
 
-def run_module(directory: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "stages.train", *args], cwd=directory, env=env, capture_output=True, text=True, timeout=300)
-
-
-def test_ddp_two_processes_match_one(tmp_path, monkeypatch):
+def test_ddp_two_processes_match_one(tmp_path):
     # Two Gloo processes with 64 examples each against one process with all 128. The
     # data order is the same, but the noise and times are drawn per rank, so the loss
     # curves agree only up to sampling noise. Each logged value averages 30 steps x 128
@@ -288,9 +255,9 @@ def test_ddp_two_processes_match_one(tmp_path, monkeypatch):
         directory.mkdir()
         write_params(directory, nproc=nproc, **settings)
         write_gaussian_data(directory, n=2048)
-    completed = run_module(double, "gaussian")
+    completed = run_python_module("stages.train", double, "gaussian", timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
-    run_train(single, monkeypatch)
+    run_train(single)
 
     assert "all 2 ranks have identical weights" in completed.stderr
     one = read_loss_log(single)
