@@ -16,7 +16,7 @@ from stages.common import StageError
 from stages.report_render import Document, code, format_value
 
 # Distances that come with a noise floor ``NAME_floor`` (and ``NAME_floor_std``).
-FLOOR_METRICS = ("w2", "energy", "mmd", "fid")
+FLOOR_METRICS = ("w2", "energy", "mmd", "fid", "fd_pca")
 
 # Top-level metrics of a data set shown beside its distances, in column order.
 RESULT_EXTRA_KEYS = ("straightness", "nll", "entropy", "memorisation")

@@ -221,6 +221,17 @@ def test_floor_sentences(built):
     assert "fid = 3.21 for the best sample set" in text
 
 
+def test_floor_sentence_for_fd_pca():
+    # Image data sets scored without a classifier report fd_pca beside its floor.
+    metrics = {"fd_pca": 12.0, "fd_pca_floor": 4.0, "fd_pca_floor_std": 0.5, "solver": "euler", "nfe": 8}
+
+    sentences = report_tables.floor_sentences(metrics)
+
+    assert len(sentences) == 1
+    assert sentences[0].startswith("fd_pca = 12 for the best sample set at the largest NFE budget")
+    assert sentences[0].endswith("so the model is at 3 times the floor.")
+
+
 def test_image_sentences(built):
     text = (built / "report.md").read_text()
 

@@ -33,10 +33,10 @@ SOLVERS = ("euler", "midpoint", "heun", "rk4", "dopri5")
 # Top-level metrics shown per metrics file, in column order, when an experiment has them.
 HEADLINE_METRICS = (
     "w2", "w2_floor", "energy", "mmd", "nll", "straightness", "velocity_error",
-    "fid", "fid_floor", "frechet", "entropy", "memorisation", "accuracy",
+    "fid", "fid_floor", "fd_pca", "fd_pca_floor", "frechet", "entropy", "memorisation", "accuracy",
 )
 # Quality metrics for the NFE figure, in order of preference.
-QUALITY_METRICS = ("w2", "frechet", "fid", "energy", "mmd")
+QUALITY_METRICS = ("w2", "frechet", "fid", "fd_pca", "energy", "mmd")
 NFE_KEY = re.compile(r"^(?:(?P<solver>[a-z0-9]+)[_-])?nfe[_-]?(?P<nfe>\d+)$")
 
 
