@@ -129,7 +129,7 @@ def make_adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.
 
     The fused kernel updates each parameter tensor in one pass instead of a chain of
     elementwise operations. For the 3 x 256 velocity MLP on one CPU thread, the update
-    took 0.22 ms instead of 0.50 ms (torch 2.14, one core of an AMD EPYC), about 3 % of
+    took 0.22 ms instead of 0.50 ms (torch 2.14, one core of an Intel Xeon), about 3 % of
     a training step of batch 1024. The update rule is the same. The last bits of the
     results can differ from the loop implementation, because the operations are grouped
     differently.

@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -109,7 +110,7 @@ def _process_exists(pid: int) -> bool:
 
 
 def remove_stale_temporaries(roots: tuple[str, ...] = OUTPUT_ROOTS) -> list[Path]:
-    """Delete the temporary files under ``roots`` whose writing process no longer runs; return them.
+    """Delete the temporary files and directories under ``roots`` whose writing process no longer runs; return them.
 
     Such files are left by a stage killed with SIGKILL. Files of a running process (another
     stage in the same checkout) are kept.
@@ -118,11 +119,18 @@ def remove_stale_temporaries(roots: tuple[str, ...] = OUTPUT_ROOTS) -> list[Path
     for root in map(Path, roots):
         if not root.is_dir():
             continue
-        for path in root.rglob(".*.tmp*"):
+        # A stale directory is removed with its contents, so the list is made before deleting.
+        for path in sorted(root.rglob(".*.tmp*")):
             match = TEMPORARY_NAME.match(path.name)
-            if match and path.is_file() and not _process_exists(int(match["pid"])):
+            if not match or _process_exists(int(match["pid"])) or any(path.is_relative_to(done) for done in removed):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.is_file():
                 path.unlink(missing_ok=True)
-                removed.append(path)
+            else:
+                continue
+            removed.append(path)
     if removed:
         log.info("removed %d temporary files left by stopped stages: %s", len(removed), ", ".join(map(str, removed)))
     return removed
@@ -148,6 +156,33 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory next to ``path``; put it in place of ``path`` when the block succeeds.
+
+    Readers see the previous directory, then for a moment none, then the new one, never a
+    partly written one. The previous directory is moved aside before the new one is
+    renamed onto ``path`` and deleted afterwards. When the block raises, the temporary
+    directory is deleted and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+    old = None
+    try:
+        yield staging
+        # mkdtemp creates the directory as 0700; give the output the usual permissions instead.
+        os.chmod(staging, 0o777 & ~_UMASK)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

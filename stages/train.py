@@ -44,7 +44,7 @@ import flowmatch.schedules
 import flowmatch.training
 from flowmatch.models import build_model
 from flowmatch.training import BatchOrder, NonFiniteGradientError, NonFiniteLossError, Trainer, TrainSettings, model_file_contents, schedule_config, shard
-from stages.common import ParamError, StageError, load_npz, run_stage, save_torch, seed_everything, write_json
+from stages.common import ParamError, StageError, atomic_directory, load_npz, run_stage, save_torch, seed_everything, write_json
 from stages.config import DATASETS, Params, TrainParams, load_params
 
 log = logging.getLogger("flowmatch.train")
@@ -186,27 +186,45 @@ class DistributedContext:
 
 
 class TrainingLog:
-    """The DVCLive log of one run: loss and learning rate, rank 0 only.
+    """The DVCLive log of one run, a context manager: loss and learning rate, rank 0 only.
 
     The records logged so far are also kept in ``history`` and stored with each
     checkpoint. A resumed run starts a fresh DVCLive directory and writes that
     history again, so the log never contains steps that the checkpoint does not.
+    DVCLive writes into a temporary directory next to ``directory`` (watch it while
+    training runs), which replaces ``directory`` when the block ends without an error.
     """
 
     def __init__(self, directory: Path, history: list[dict], enabled: bool):
+        self.directory = directory
         self.history = list(history)
+        self.enabled = enabled
         self.live = None
-        if not enabled:
-            return
+        self._staging = contextlib.ExitStack()
+
+    def __enter__(self) -> TrainingLog:
+        if not self.enabled:
+            return self
         # The log stays local: DVCLive would otherwise post to DVC Studio when a token is configured.
         os.environ["DVC_STUDIO_OFFLINE"] = "true"
         from dvclive import Live
 
-        # dvcyaml=None: the plots are declared in the project's dvc.yaml, so DVCLive
-        # writes no dvc.yaml of its own. save_dvc_exp=False: it never commits.
-        self.live = Live(dir=str(directory), dvcyaml=None, save_dvc_exp=False, report=None)
-        for record in self.history:
-            self._write(record)
+        with contextlib.ExitStack() as stack:
+            staging = stack.enter_context(atomic_directory(self.directory))
+            log.info("training log in %s until the run ends, then in %s", staging, self.directory)
+            # dvcyaml=None: the plots are declared in the project's dvc.yaml, so DVCLive
+            # writes no dvc.yaml of its own. save_dvc_exp=False: it never commits.
+            self.live = Live(dir=str(staging), dvcyaml=None, save_dvc_exp=False, report=None)
+            for record in self.history:
+                self._write(record)
+            self._staging = stack.pop_all()
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if self.live is not None and kind is None:
+            self.live.make_summary()
+            self.live.end()
+        return self._staging.__exit__(kind, error, traceback)
 
     def _write(self, record: dict) -> None:
         self.live.step = record["step"]
@@ -219,11 +237,6 @@ class TrainingLog:
         self.history.append(record)
         if self.live is not None:
             self._write(record)
-
-    def close(self) -> None:
-        if self.live is not None:
-            self.live.make_summary()
-            self.live.end()
 
 
 def load_checkpoint(path: Path, expected: str) -> dict | None:
@@ -326,56 +339,56 @@ def _train_in_context(dataset, params, settings, context, train_data, data_path,
     )
     data = torch.from_numpy(train_data).to(device)
     order = BatchOrder(len(train_data), settings.batch_size, params.seed)
-    training_log = TrainingLog(LIVE_DIR / dataset, history, enabled=context.is_main)
+    with TrainingLog(LIVE_DIR / dataset, history, enabled=context.is_main) as training_log:
+        progress = tqdm(total=settings.steps, initial=start_step, desc=f"train {dataset}", unit="step", disable=not context.is_main, dynamic_ncols=True)
+        window_losses: list[float] = []
+        window_start = time.perf_counter()
+        run_start = window_start
+        try:
+            while trainer.step_count < settings.steps:
+                step = trainer.step_count
+                indices = torch.from_numpy(shard(order.indices(step), context.rank, context.world_size)).to(device)
+                window_losses.append(trainer.step(data[indices]))
+                progress.update(1)
 
-    progress = tqdm(total=settings.steps, initial=start_step, desc=f"train {dataset}", unit="step", disable=not context.is_main, dynamic_ncols=True)
-    window_losses: list[float] = []
-    window_start = time.perf_counter()
-    run_start = window_start
-    try:
-        while trainer.step_count < settings.steps:
-            step = trainer.step_count
-            indices = torch.from_numpy(shard(order.indices(step), context.rank, context.world_size)).to(device)
-            window_losses.append(trainer.step(data[indices]))
-            progress.update(1)
+                done = trainer.step_count
+                if done % settings.log_every == 0 or done == settings.steps:
+                    now = time.perf_counter()
+                    record = {
+                        "step": done,
+                        "loss": float(np.mean(window_losses)),
+                        "lr": trainer.lr,
+                        "samples_per_second": len(window_losses) * settings.batch_size / max(now - window_start, 1e-9),
+                    }
+                    training_log.add(record)
+                    progress.set_postfix(loss=f"{record['loss']:.4f}")
+                    window_losses.clear()
+                    window_start = now
+                if done % settings.checkpoint_every == 0 and done < settings.steps and context.is_main:
+                    save_torch(checkpoint_path, {"fingerprint": expected, "trainer": trainer.state_dict(), "history": training_log.history})
+                    checkpoint_step = done
+        except (NonFiniteLossError, NonFiniteGradientError) as error:
+            if isinstance(error, NonFiniteLossError):
+                found = f"the loss is {error.loss}"
+            else:
+                found = f"the gradient norm is {error.norm} while the loss is {error.loss:.4g}, so the backward pass overflowed"
+            kept = f"the last checkpoint (step {checkpoint_step}) is kept in {checkpoint_path}" if checkpoint_step is not None else "no checkpoint was written"
+            raise StageError(
+                f"training of {dataset} stopped at step {error.step}: {found}, most likely because the learning rate is too high "
+                f"for this model; {kept}; lower train.lr or raise train.warmup_steps and rerun"
+            ) from error
+        finally:
+            progress.close()
+        seconds = time.perf_counter() - run_start
+        context.check_replicas(model)
 
-            done = trainer.step_count
-            if done % settings.log_every == 0 or done == settings.steps:
-                now = time.perf_counter()
-                record = {
-                    "step": done,
-                    "loss": float(np.mean(window_losses)),
-                    "lr": trainer.lr,
-                    "samples_per_second": len(window_losses) * settings.batch_size / max(now - window_start, 1e-9),
-                }
-                training_log.add(record)
-                progress.set_postfix(loss=f"{record['loss']:.4f}")
-                window_losses.clear()
-                window_start = now
-            if done % settings.checkpoint_every == 0 and done < settings.steps and context.is_main:
-                save_torch(checkpoint_path, {"fingerprint": expected, "trainer": trainer.state_dict(), "history": training_log.history})
-                checkpoint_step = done
-    except (NonFiniteLossError, NonFiniteGradientError) as error:
-        if isinstance(error, NonFiniteLossError):
-            found = f"the loss is {error.loss}"
-        else:
-            found = f"the gradient norm is {error.norm} while the loss is {error.loss:.4g}, so the backward pass overflowed"
-        kept = f"the last checkpoint (step {checkpoint_step}) is kept in {checkpoint_path}" if checkpoint_step is not None else "no checkpoint was written"
-        raise StageError(
-            f"training of {dataset} stopped at step {error.step}: {found}, most likely because the learning rate is too high "
-            f"for this model; {kept}; lower train.lr or raise train.warmup_steps and rerun"
-        ) from error
-    finally:
-        progress.close()
-    seconds = time.perf_counter() - run_start
-    context.check_replicas(model)
-
+        if context.is_main:
+            _write_outputs(dataset, params, trainer, config, training_log, seconds, start_step, settings)
+    # The checkpoint is deleted only after the model and the log are in place.
     if context.is_main:
-        _write_outputs(dataset, params, trainer, config, training_log, seconds, start_step, settings)
         checkpoint_path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             checkpoint_path.parent.rmdir()
-    training_log.close()
     context.barrier()
 
 

@@ -331,6 +331,49 @@ def test_stale_temp_files_removed(tmp_path, monkeypatch):
     assert unrelated.exists()
 
 
+def test_stale_temp_directory_removed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "reports" / "train"
+    stale = folder / f".moons.{dead_pid()}.abcd1234.tmp"
+    live = folder / f".gaussian.{os.getpid()}.abcd1234.tmp"
+    for path in (stale, live):
+        (path / "plots" / "metrics").mkdir(parents=True)
+        (path / "plots" / "metrics" / "loss.tsv").write_text("step\tloss\n")
+
+    removed = common.remove_stale_temporaries()
+
+    assert removed == [Path("reports/train") / stale.name]
+    assert not stale.exists()
+    assert (live / "plots" / "metrics" / "loss.tsv").exists()
+
+
+def test_atomic_directory_replaces_on_success(tmp_path):
+    target = tmp_path / "log"
+    target.mkdir()
+    (target / "old.tsv").write_text("old")
+
+    with common.atomic_directory(target) as staging:
+        (staging / "new.tsv").write_text("new")
+        assert common.TEMPORARY_NAME.match(staging.name)
+        assert (target / "old.tsv").exists()
+
+    assert sorted(path.name for path in target.iterdir()) == ["new.tsv"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["log"]
+
+
+def test_atomic_directory_keeps_old_on_error(tmp_path):
+    target = tmp_path / "log"
+    target.mkdir()
+    (target / "old.tsv").write_text("old")
+
+    with pytest.raises(RuntimeError), common.atomic_directory(target) as staging:
+        (staging / "new.tsv").write_text("partial")
+        raise RuntimeError("stopped")
+
+    assert sorted(path.name for path in target.iterdir()) == ["old.tsv"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["log"]
+
+
 def test_temp_name_holds_pid(tmp_path):
     with common.atomic_path(tmp_path / "model.pt") as tmp:
         match = common.TEMPORARY_NAME.match(tmp.name)

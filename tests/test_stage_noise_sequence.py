@@ -14,7 +14,7 @@ from PIL import Image
 from flowmatch.marginal import marginal_velocity
 from flowmatch.schedules import SCHEDULE_NAMES, get_schedule
 from stage_utils import copy_params, run_in_directory, run_python_module, run_stage_expecting_error
-from stages import noise_sequence
+from stages import noise_animations, noise_sequence
 
 FIGURES = Path("reports/figures")
 SIZE = 64
@@ -43,7 +43,7 @@ def runs(tmp_path_factory) -> Runs:
     result = run_python_module("stages.noise_sequence", first, timeout=300)
 
     drawn_arrows = []
-    draw_arrow = noise_sequence.draw_arrow
+    draw_arrow = noise_animations.draw_arrow
 
     def recording_draw_arrow(ax, start, vector, **style):
         drawn_arrows.append((tuple(float(v) for v in vector), style))
@@ -52,7 +52,7 @@ def runs(tmp_path_factory) -> Runs:
     second = write_params(tmp_path_factory.mktemp("second"))
     other_schedule = write_params(tmp_path_factory.mktemp("other_schedule"), schedule="linear")
     with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setattr(noise_sequence, "draw_arrow", recording_draw_arrow)
+        monkeypatch.setattr(noise_animations, "draw_arrow", recording_draw_arrow)
         run_in_directory(noise_sequence.main, second)
     run_in_directory(noise_sequence.main, other_schedule)
     return Runs(first, result, second, other_schedule, drawn_arrows)
@@ -106,8 +106,8 @@ def test_gif_average_arrow_is_marginal_velocity(runs):
     """The bold arrow of which_way.gif's last frame is h u_t(x) for the four-point data set."""
     params = yaml.safe_load((runs.second / "params.yaml").read_text())
     schedule = get_schedule(params["schedule"])
-    scene = noise_sequence.which_way_scene(schedule, params["noise_sequence"]["t_example"])
-    expected = noise_sequence.arrow_step(scene) * marginal_velocity(scene.x[None], scene.t, scene.data, schedule)[0]
+    scene = noise_animations.which_way_scene(schedule, params["noise_sequence"]["t_example"])
+    expected = noise_animations.arrow_step(scene) * marginal_velocity(scene.x[None], scene.t, scene.data, schedule)[0]
 
     average_arrows = [vector for vector, style in runs.drawn_arrows if style.get("color") == "black"]
 
@@ -120,7 +120,7 @@ def test_gif_average_arrow_is_marginal_velocity(runs):
 def test_scene_average_is_marginal_velocity(name, t):
     schedule = get_schedule(name)
 
-    scene = noise_sequence.which_way_scene(schedule, t)
+    scene = noise_animations.which_way_scene(schedule, t)
 
     assert scene.data.shape == (4, 2)
     expected = marginal_velocity(scene.x[None], t, scene.data, schedule)[0]

@@ -158,6 +158,8 @@ def test_train_non_finite_loss_names_step(workdir, capsys):
     message = run_stage_expecting_error(train_stage.main, workdir, capsys, "gaussian")
     assert "stopped at step" in message
     assert not (workdir / "data" / "models").exists()
+    # The partial DVCLive log is deleted with its temporary directory.
+    assert list((workdir / "reports" / "train").iterdir()) == []
 
 
 def test_train_unknown_dataset_exits(workdir, capsys):
