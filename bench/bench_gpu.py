@@ -17,6 +17,7 @@ path on the CPU in float32 as a check of the script, with no peak fraction.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -45,6 +46,28 @@ def peak_tflops(device_name: str) -> float | None:
         if key in device_name:
             return tflops
     return None
+
+
+def device_argument(text: str) -> torch.device:
+    """Parse ``--device``: ``cuda``, ``cuda:N`` or ``cpu``, the devices this script has code paths for."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cuda", "cpu"):
+        raise argparse.ArgumentTypeError(f"invalid device {text!r} (expected cuda, cuda:N or cpu)")
+    return device
+
+
+def peak_argument(text: str) -> float:
+    """Parse ``--peak-tflops``: a finite number of TFLOPS greater than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"invalid peak {text!r} (expected a finite number of TFLOPS > 0)")
+    return value
 
 
 def make_trainer(channels: int, batch_size: int, steps: int, device: torch.device, bf16: bool, compile_model: bool) -> Trainer:
@@ -94,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps before timing, compilation included (default 30)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per step (default 128)")
     parser.add_argument("--channels", type=int, default=128, help="U-Net base channels (default 128)")
-    parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu to check the script")
+    parser.add_argument("--device", type=device_argument, default="cuda", help="cuda (default), cuda:N, or cpu to check the script")
     parser.add_argument("--no-compile", action="store_true", help="run eager only")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak in TFLOPS, for a GPU missing from the table")
+    parser.add_argument("--peak-tflops", type=peak_argument, default=None, help="dense bf16 peak in TFLOPS (> 0), for a GPU missing from the table")
     args = parser.parse_args(argv)
     for name in ("steps", "batch_size", "channels"):
         if getattr(args, name) < 1:
@@ -104,9 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
 
-    device = torch.device(args.device)
+    device = args.device
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench_gpu: a CUDA GPU is needed and PyTorch finds none; `--device cpu --steps 2` checks the script on the CPU", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        print(f"bench_gpu: --device {device} not found: PyTorch finds {count} CUDA device(s), cuda:0 to cuda:{count - 1}", file=sys.stderr)
         return 2
     bf16 = device.type == "cuda"
     if device.type == "cuda":

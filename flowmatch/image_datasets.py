@@ -184,7 +184,8 @@ def load_image_split(name: str, root: str | os.PathLike, download: bool = False)
         # A failed download (urllib's URLError is an OSError) keeps its type and message.
         raise
     except Exception as error:  # torchvision's readers raise RuntimeError, AssertionError or pickle errors on bad files
-        detail = " ".join(str(error).split())
+        # torchvision's format checks are bare asserts, whose message is empty.
+        detail = " ".join(str(error).split()) or "no message; the file contents are not in the format torchvision expects"
         action = "download or read" if download else "read"
         raise ImageFilesInvalidError(f"{source.class_name}: torchvision could not {action} the files under {folder} ({type(error).__name__}: {detail[:300]})") from error
     return ImageSplit(train=train, train_labels=train_labels, test=test, test_labels=test_labels)

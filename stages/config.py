@@ -150,7 +150,10 @@ def parse_schedule(root: Section) -> ScheduleParams:
     beta_min = section.number("vp_beta_min", 0.0, strict_min=True)
     beta_max = section.number("vp_beta_max", 0.0, strict_min=True)
     if beta_max <= beta_min:
-        raise ParamError(section.key("vp_beta_max"), beta_max, f"a number > schedules.vp_beta_min = {beta_min:g}")
+        # Either value may be the one that was changed, so the message names both.
+        raise ParamError(
+            section.key("vp_beta_max"), beta_max, f"a number > schedules.vp_beta_min = {beta_min:g}; lower vp_beta_min or raise vp_beta_max"
+        )
     return ScheduleParams(name, n, beta_min, beta_max)
 
 

@@ -1,6 +1,6 @@
 """Tests of the benchmark scripts in bench/: a CPU run of each with tiny settings, and their helpers.
 
-bench_cpu.py needs the optional extra ``bench`` (torchcfm, flow-matching); its tests
+bench_cpu.py needs the optional extra ``bench`` (torchcfm, flow-matching); its test runs
 are skipped where those are not installed. bench_gpu.py is checked on the CPU only.
 """
 
@@ -61,6 +61,52 @@ def test_gpu_script_without_cuda_one_line():
     assert "a CUDA GPU is needed" in result.stderr
 
 
+# Sizes that keep a run short should an invalid argument get past the checks.
+TINY_GPU_RUN = ["--steps", "1", "--warmup", "0", "--batch-size", "2", "--channels", "8", "--no-compile"]
+
+
+@pytest.mark.parametrize("device", ["tpu", "mps", "cuda:-1", "not a device"])
+def test_gpu_script_rejects_unsupported_device(device, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_gpu.main(["--device", device, *TINY_GPU_RUN])
+
+    assert exit_info.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1
+    assert "--device" in error_lines[0]
+    assert repr(device) in error_lines[0]
+
+
+@pytest.mark.parametrize("peak", ["-5", "0", "nan", "inf", "fast"])
+def test_gpu_script_rejects_invalid_peak(peak, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_gpu.main(["--device", "cpu", "--peak-tflops", peak, *TINY_GPU_RUN])
+
+    assert exit_info.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1
+    assert "--peak-tflops" in error_lines[0]
+    assert "> 0" in error_lines[0]
+
+
+def test_gpu_script_rejects_absent_cuda_index(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+    code = bench_gpu.main(["--device", "cuda:2", *TINY_GPU_RUN])
+
+    assert code == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1
+    assert "--device cuda:2 not found" in error
+    assert "cuda:0 to cuda:1" in error
+
+
+@pytest.mark.parametrize(("device", "kind"), [("cpu", "cpu"), ("cuda", "cuda"), ("cuda:1", "cuda")])
+def test_gpu_device_argument_accepts(device, kind):
+    assert bench_gpu.device_argument(device).type == kind
+
+
 def test_gpu_script_cpu_check_runs():
     result = run_script("bench_gpu.py", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch-size", "2", "--channels", "8", "--no-compile")
 
@@ -82,6 +128,34 @@ def test_cpu_script_tiny_run():
     assert "against flow_matching: speed ratio" in result.stdout
     assert "against torchcfm (ExactOT): speed ratio" in result.stdout
     assert "flow_matching (ODESolver)" in result.stdout
+
+
+# Runs bench_cpu.py as __main__ with one module made unimportable: a None entry in
+# sys.modules makes `import name` raise ModuleNotFoundError. The tiny settings keep
+# the run short if the script reaches the benchmark anyway.
+HIDE_MODULE = """
+import runpy, sys
+sys.modules[sys.argv[1]] = None
+script = sys.argv[2]
+sys.argv = [script, "--steps", "1", "--ot-steps", "1", "--seeds", "1", "--n-eval", "8", "--sample-n", "8", "--repeats", "1"]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("module", ["flow_matching", "torchcfm"])
+def test_cpu_script_without_extra_one_line(module):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-c", HIDE_MODULE, module, str(REPO / "bench" / "bench_cpu.py")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"missing: {module}" in result.stderr
+    assert "make bench" in result.stderr
+    assert "pip install -e '.[bench]'" in result.stderr
 
 
 def test_cpu_script_rejects_zero_steps():

@@ -67,6 +67,18 @@ def test_unknown_schedule_lists_accepted_names(raw):
         assert name in caught.value.accepted
 
 
+def test_vp_beta_order_names_both_keys(raw):
+    raw["schedules"]["vp_beta_min"] = 30.0
+
+    with pytest.raises(ParamError) as caught:
+        parse_params(raw)
+
+    message = str(caught.value)
+    assert "'schedules.vp_beta_max': 20.0" in message
+    assert "schedules.vp_beta_min = 30" in message
+    assert "lower vp_beta_min or raise vp_beta_max" in message
+
+
 def test_unknown_key_is_rejected(raw):
     raw["train"]["stpes"] = 10
     with pytest.raises(ParamError) as caught:

@@ -214,6 +214,19 @@ def test_truncated_idx_file_is_invalid(tmp_path):
         load_image_split("mnist", tmp_path)
 
 
+def test_garbage_idx_file_gives_reason(tmp_path):
+    write_mnist_files(tmp_path, "mnist", compress=False)
+    (tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"garbage")
+
+    with pytest.raises(ImageFilesInvalidError) as caught:
+        load_image_split("mnist", tmp_path)
+
+    message = str(caught.value)
+    assert "MNIST: torchvision could not read" in message
+    assert not message.endswith(": )")
+    assert "Error: " in message
+
+
 def test_unknown_image_dataset_raises(tmp_path):
     with pytest.raises(ValueError, match="accepted: mnist, fashion_mnist, cifar10"):
         load_image_split("svhn", tmp_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -117,9 +118,8 @@ def test_every_worse_metric_listed(repo):
         assert name in result.stdout, name
 
 
-def test_new_and_removed_metrics_pass(repo):
-    moons = {key: value for key, value in MOONS.items() if key != "nll"}
-    write_metrics(repo, "moons", {**moons, "mmd": 0.3})
+def test_new_metrics_pass(repo):
+    write_metrics(repo, "moons", {**MOONS, "mmd": 0.3})
     write_metrics(repo, "digits", {"frechet": 4.0})
 
     result = check(repo)
@@ -127,8 +127,54 @@ def test_new_and_removed_metrics_pass(repo):
     assert result.returncode == 0, result.stdout
     assert "moons.mmd" in result.stdout
     assert "digits.frechet" in result.stdout
-    assert "moons.nll" in result.stdout
     assert "do not fail the check" in result.stdout
+
+
+def test_removed_metric_fails(repo):
+    moons = {key: value for key, value in MOONS.items() if key != "nll"}
+    write_metrics(repo, "moons", moons)
+
+    result = check(repo)
+
+    assert result.returncode == 1, result.stdout
+    assert "1 removed" in result.stdout
+    assert "moons.nll" in result.stdout
+    assert "--allow-removed" in result.stdout
+
+
+def test_removed_metrics_file_fails(repo):
+    (repo / "reports" / "metrics" / "classifier.json").unlink()
+
+    result = check(repo)
+
+    assert result.returncode == 1, result.stdout
+    assert "classifier.accuracy" in result.stdout
+    assert "classifier.n_test" in result.stdout
+    assert "reports/metrics/classifier.json" in result.stdout
+    assert "passed" not in result.stdout
+
+
+def test_allow_removed_passes(repo):
+    (repo / "reports" / "metrics" / "classifier.json").unlink()
+    moons = {key: value for key, value in MOONS.items() if key != "nll"}
+    write_metrics(repo, "moons", moons)
+
+    result = check(repo, "--allow-removed")
+
+    assert result.returncode == 0, result.stdout
+    assert "classifier.accuracy" in result.stdout
+    assert "moons.nll" in result.stdout
+    assert "passed" in result.stdout
+
+
+def test_allow_removed_still_fails_worse(repo):
+    (repo / "reports" / "metrics" / "classifier.json").unlink()
+    write_metrics(repo, "moons", {**MOONS, "w2": 0.12})
+
+    result = check(repo, "--allow-removed")
+
+    assert result.returncode == 1, result.stdout
+    assert "moons.w2 " in result.stdout
 
 
 def test_timing_files_excluded(repo):
@@ -157,6 +203,34 @@ def test_no_commit_yet_passes(tmp_path):
     assert "nothing to compare against" in result.stdout
 
 
+def test_unknown_rev_rejected(repo):
+    result = check(repo, "--rev", "nosuchrev")
+
+    assert result.returncode == 2, result.stdout
+    assert "passed" not in result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "nosuchrev" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_rev_of_a_tree_rejected(repo):
+    result = check(repo, "--rev", "HEAD^{tree}")
+
+    assert result.returncode == 2, result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "HEAD^{tree}" in result.stderr
+
+
+def test_earlier_rev_compared(repo):
+    write_metrics(repo, "moons", {**MOONS, "w2": 0.12})
+    git(repo, "commit", "-qam", "worse w2")
+
+    result = check(repo, "--rev", "HEAD~1")
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "moons.w2 " in result.stdout
+
+
 def test_invalid_direction_rejected(repo):
     (repo / "metrics_tolerances.yaml").write_text("default:\n  direction: smaller\n  tolerance: 0.1\n")
 
@@ -174,6 +248,70 @@ def test_invalid_json_named(repo):
 
     assert result.returncode == 2
     assert "reports/metrics/moons.json" in result.stderr
+
+
+def test_non_utf8_workspace_file_named(repo):
+    (repo / "reports" / "metrics" / "moons.json").write_bytes(b'{"w2": "\xff\xfe"}')
+
+    result = check(repo)
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "reports/metrics/moons.json" in result.stderr
+    assert "UTF-8" in result.stderr
+
+
+def test_non_utf8_committed_file_named(repo):
+    (repo / "reports" / "metrics" / "moons.json").write_bytes(b'{"w2": "\xff\xfe"}')
+    git(repo, "commit", "-qam", "corrupt moons")
+    write_metrics(repo, "moons", MOONS)
+
+    result = check(repo)
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "HEAD:reports/metrics/moons.json" in result.stderr
+    assert "UTF-8" in result.stderr
+
+
+# json.dumps writes these as NaN, Infinity and -Infinity, which json.loads reads back.
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_metric_fails(repo, value):
+    # w2 is lower-is-better, so -Infinity would otherwise pass as an improvement.
+    write_metrics(repo, "moons", {**MOONS, "w2": value})
+
+    result = check(repo)
+
+    assert result.returncode == 1, result.stdout
+    assert "1 worse beyond tolerance" in result.stdout
+    assert "moons.w2 " in result.stdout
+    assert "not finite" in result.stdout
+
+
+def test_non_finite_higher_is_better_fails(repo):
+    write_metrics(repo, "classifier", {**CLASSIFIER, "accuracy": math.inf})
+
+    result = check(repo)
+
+    assert result.returncode == 1, result.stdout
+    assert "classifier.accuracy" in result.stdout
+
+
+def test_non_finite_ignored_metric_passes(repo):
+    write_metrics(repo, "classifier", {**CLASSIFIER, "n_test": math.nan})
+
+    result = check(repo)
+
+    assert result.returncode == 0, result.stdout
+
+
+def test_nan_at_base_and_now_passes(repo):
+    write_metrics(repo, "classifier", {**CLASSIFIER, "accuracy": math.nan})
+    git(repo, "commit", "-qam", "nan accuracy")
+
+    result = check(repo)
+
+    assert result.returncode == 0, result.stdout
 
 
 def test_rule_order_first_match_wins():
@@ -210,6 +348,21 @@ def test_is_worse_by_direction(direction, old, new, worse):
     rule = metrics_check.Rule("*", direction, 0.1, 0.0)
 
     assert metrics_check.is_worse(old, new, rule) is worse
+
+
+@pytest.mark.parametrize("direction", ["lower", "higher", "either"])
+@pytest.mark.parametrize("new", [math.nan, math.inf, -math.inf])
+def test_is_worse_non_finite(direction, new):
+    rule = metrics_check.Rule("*", direction, 0.1, 0.0)
+
+    assert metrics_check.is_worse(1.0, new, rule) is True
+
+
+@pytest.mark.parametrize("new", [math.nan, math.inf])
+def test_is_worse_non_finite_ignored(new):
+    rule = metrics_check.Rule("*", "ignore", 0.1, 0.0)
+
+    assert metrics_check.is_worse(1.0, new, rule) is False
 
 
 def test_abs_tolerance_near_zero():

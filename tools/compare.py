@@ -5,6 +5,11 @@ own ``data`` and a list of ``experiments`` whose ``revs`` carry ``data`` with ``
 and ``metrics``) and writes reports/comparison.md plus
 reports/figures/comparison_quality_vs_nfe.png, one line per experiment.
 
+Only rows with results of their own fill the tables and the figure. DVC shows failed,
+queued and running experiments with the metrics of the commit they started from, so they
+are listed by name with the parameters they change instead. So is a workspace whose
+outputs are not up to date (``dvc status``) and a revision that DVC could not read.
+
 The per-NFE values come from the metrics themselves when they contain solver and NFE
 keys (``by_solver.rk4.nfe16.w2``). Otherwise they are read from the plot CSVs
 (columns ``solver``, ``nfe`` and the metric) of each experiment's git revision with
@@ -24,7 +29,7 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 log = logging.getLogger("flowmatch.compare")
@@ -38,6 +43,15 @@ HEADLINE_METRICS = (
 # Quality metrics for the NFE figure, in order of preference.
 QUALITY_METRICS = ("w2", "frechet", "fid", "fd_pca", "energy", "mmd")
 NFE_KEY = re.compile(r"^(?:(?P<solver>[a-z0-9]+)[_-])?nfe[_-]?(?P<nfe>\d+)$")
+
+# Row states. "failed", "queued" and "running" are DVC's executor states of a queued
+# experiment. "unreadable" is a revision that DVC could not collect, and "outdated" a
+# workspace whose outputs are not up to date. Only "success" rows are compared.
+SUCCESS = "success"
+PENDING_STATES = ("queued", "running")
+LAYOUT_ERROR = "not the layout of `dvc exp show --json`"
+# How many stage names the note on an outdated workspace shows.
+MAX_STAGES_SHOWN = 4
 
 
 class CompareError(Exception):
@@ -54,6 +68,13 @@ class Experiment:
     metrics: dict[str, dict]
     kind: str
     error: str | None = None
+    state: str = SUCCESS
+    # "name=value" for each parameter that differs from the baseline commit (from HEAD for the workspace).
+    changed_params: list[str] = field(default_factory=list)
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 # ---------------------------------------------------------------- reading dvc exp show
@@ -68,54 +89,167 @@ def flatten(value: object, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def _row(entry: dict, kind: str, fallback_name: str) -> Experiment:
-    data = entry.get("data") or {}
+def _require(value: object, expected: type | tuple[type, ...], where: str, description: str):
+    """Return ``value``, or raise CompareError naming its place ``where`` when it is not of the ``expected`` type."""
+    if not isinstance(value, expected):
+        raise CompareError(f"{LAYOUT_ERROR}: {where} is {json.dumps(value)[:60]}, expected {description}")
+    return value
+
+
+def _read_params(data: dict, where: str) -> dict[str, object]:
+    """Flatten ``data.params`` to ``{"train.lr": 0.002}``, with ``FILE:`` before keys from files other than params.yaml."""
     params: dict[str, object] = {}
-    for file, content in (data.get("params") or {}).items():
+    files = _require(data.get("params"), (dict, type(None)), f"{where}.params", "an object or null") or {}
+    for file, content in files.items():
+        place = f"{where}.params[{json.dumps(file)}]"
+        content = _require(content, (dict, type(None)), place, "an object or null") or {}
+        values = _require(content.get("data"), (dict, type(None)), f"{place}.data", "an object or null") or {}
         prefix = "" if file == "params.yaml" else f"{file}:"
-        params.update({prefix + key: value for key, value in flatten((content or {}).get("data") or {}).items()})
-    metrics = {path: content["data"] for path, content in (data.get("metrics") or {}).items() if isinstance((content or {}).get("data"), dict)}
-    # DVC 3 reports a failed experiment as {"type": ..., "msg": ...}.
-    error = entry.get("error")
+        params.update({prefix + key: value for key, value in flatten(values).items()})
+    return params
+
+
+def _read_metrics(data: dict, where: str) -> dict[str, dict]:
+    """Return ``{path: metrics}`` from ``data.metrics``, skipping files that DVC reports with an error instead of data."""
+    files = _require(data.get("metrics"), (dict, type(None)), f"{where}.metrics", "an object or null") or {}
+    metrics = {}
+    for path, content in files.items():
+        content = _require(content, (dict, type(None)), f"{where}.metrics[{json.dumps(path)}]", "an object or null") or {}
+        if isinstance(content.get("data"), dict):
+            metrics[path] = content["data"]
+    return metrics
+
+
+def _row_state(entry: dict, executor: dict | None) -> str:
+    executor_state = (executor or {}).get("state")
+    if executor_state in ("failed", *PENDING_STATES):
+        return executor_state
+    if entry.get("error") is None:
+        return SUCCESS
+    # DVC 3.67 replaces the data of a revision it cannot collect with the error. The only
+    # error it puts beside data is {"msg": "Experiment run failed"}, on a failed queued run.
+    return "failed" if entry.get("data") else "unreadable"
+
+
+def _row(entry: object, kind: str, where: str, fallback_name: str | None = None, executor: dict | None = None) -> Experiment:
+    entry = _require(entry, dict, where, "an object")
+    rev = _require(entry.get("rev"), str, f"{where}.rev", "a string")
+    name = _require(entry.get("name"), (str, type(None)), f"{where}.name", "a string or null")
+    data = _require(entry.get("data"), (dict, type(None)), f"{where}.data", "an object or null") or {}
+    error = _require(entry.get("error"), (dict, str, type(None)), f"{where}.error", "an object, a string or null")
     message = None
     if isinstance(error, dict):
-        message = error.get("msg") or error.get("type") or str(error)
+        message = str(error.get("msg") or error.get("type") or error)
     elif error:
-        message = str(error)
-    name = entry.get("name") or fallback_name
-    return Experiment(name=name, rev=entry.get("rev") or data.get("rev") or name, params=params, metrics=metrics, kind=kind, error=message)
+        message = error
+    return Experiment(
+        name=name or fallback_name or rev[:7],
+        rev=rev,
+        params=_read_params(data, f"{where}.data"),
+        metrics=_read_metrics(data, f"{where}.data"),
+        kind=kind,
+        error=message,
+        state=_row_state(entry, executor),
+    )
 
 
-def parse_exp_show(exp_show: object) -> list[Experiment]:
+def _experiment_row(experiment: object, baseline: Experiment, where: str) -> Experiment | None:
+    """Return the row of one entry of a commit's ``experiments``: its newest revision, or None without one."""
+    experiment = _require(experiment, dict, where, "an object")
+    revs = _require(experiment.get("revs"), (list, type(None)), f"{where}.revs", "a list or null") or []
+    executor = _require(experiment.get("executor"), (dict, type(None)), f"{where}.executor", "an object or null")
+    name = _require(experiment.get("name"), (str, type(None)), f"{where}.name", "a string or null")
+    if not revs:
+        return None
+    row = _row(revs[0], "experiment", f"{where}.revs[0]", name, executor)
+    row.changed_params = changed_params(baseline, row)
+    return row
+
+
+def changed_params(baseline: Experiment, row: Experiment) -> list[str]:
+    """Return ``name=value`` for each parameter of ``row`` that differs from ``baseline``, and ``name removed`` for each one it lacks."""
+    changes = [
+        f"{name}={format_value(value)}"
+        for name, value in row.params.items()
+        if name not in baseline.params or _canonical(baseline.params[name]) != _canonical(value)
+    ]
+    return changes + [f"{name} removed" for name in baseline.params if name not in row.params]
+
+
+def _canonical(value: object) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _mark_outdated(workspace: Experiment, rows: list[Experiment], outdated_stages: list[str] | None) -> None:
+    """Set the workspace's state to "outdated" when its outputs are not up to date, with the reason in ``error``.
+
+    ``outdated_stages`` comes from ``dvc status``. When it is None (a saved ``dvc exp show``
+    output), the workspace is outdated when some other row has the same data in every
+    workspace metrics file, because the train, sample, evaluate and classifier stages
+    write their run time to a metrics file in reports/timing on every run. NOTE: that
+    check also hides a workspace whose new parameters reran only stages without metrics.
+    """
+    if outdated_stages:
+        stage_list = ", ".join(outdated_stages[:MAX_STAGES_SHOWN])
+        if len(outdated_stages) > MAX_STAGES_SHOWN:
+            stage_list += f" and {len(outdated_stages) - MAX_STAGES_SHOWN} more"
+        workspace.state = "outdated"
+        workspace.error = f"`dvc status` reports stages whose outputs are not up to date ({stage_list})"
+        return
+    if outdated_stages is not None or not workspace.metrics:
+        return
+    for row in rows:
+        if all(row.metrics.get(path) == data for path, data in workspace.metrics.items()):
+            workspace.state = "outdated"
+            workspace.error = f"its metrics files are those of {label(row)}, so they were not recomputed for its parameters"
+            return
+
+
+def parse_exp_show(exp_show: object, outdated_stages: list[str] | None = None) -> list[Experiment]:
     """Turn ``dvc exp show --json`` output into rows: each baseline commit followed by its experiments.
 
     The workspace is kept only when it differs from every other row, because after
-    ``dvc exp run`` it contains a copy of the last experiment.
+    ``dvc exp run`` it contains a copy of the last experiment. A kept workspace may be
+    marked "outdated", from ``outdated_stages`` (the stages ``dvc status`` lists) or, when
+    that is None, from its metrics (see ``_mark_outdated``). Raises CompareError, naming
+    the first value that is out of place, on output of any other layout.
     """
     if not isinstance(exp_show, list):
-        raise CompareError(f"dvc exp show --json: expected a list of commits, found {type(exp_show).__name__}")
+        raise CompareError(f"{LAYOUT_ERROR}: expected a list of commits, found {type(exp_show).__name__}")
     rows: list[Experiment] = []
     workspace: Experiment | None = None
-    for commit in exp_show:
-        if not isinstance(commit, dict) or "rev" not in commit:
-            raise CompareError(f"dvc exp show --json: expected commit objects with a 'rev', found {str(commit)[:80]!r}")
-        if commit["rev"] == "workspace":
-            workspace = _row(commit, "workspace", "workspace")
+    for index, commit in enumerate(exp_show):
+        where = f"[{index}]"
+        if isinstance(commit, dict) and commit.get("rev") == "workspace":
+            workspace = _row(commit, "workspace", where, "workspace")
             continue
-        rows.append(_row(commit, "baseline", commit["rev"][:7]))
-        for experiment in commit.get("experiments") or []:
-            revs = experiment.get("revs") or []
-            if revs:
-                rows.append(_row(revs[0], "experiment", experiment.get("name") or revs[0].get("rev", "?")[:7]))
+        baseline = _row(commit, "baseline", where)
+        rows.append(baseline)
+        experiments = _require(commit.get("experiments"), (list, type(None)), f"{where}.experiments", "a list or null") or []
+        for number, experiment in enumerate(experiments):
+            row = _experiment_row(experiment, baseline, f"{where}.experiments[{number}]")
+            if row is not None:
+                rows.append(row)
+
     if workspace is not None and all((workspace.params, workspace.metrics) != (row.params, row.metrics) for row in rows):
+        # The first commit that dvc exp show lists is HEAD.
+        head = next((row for row in rows if row.kind == "baseline"), None)
+        if head is not None:
+            workspace.changed_params = changed_params(head, workspace)
+        _mark_outdated(workspace, rows, outdated_stages)
         rows.insert(0, workspace)
     return rows
 
 
+def _dvc_command(*arguments: str) -> list[str]:
+    """Return the command line of DVC from this Python's environment, or from PATH when it has none."""
+    dvc = Path(sys.executable).with_name("dvc")
+    return [str(dvc) if dvc.exists() else "dvc", *arguments]
+
+
 def run_exp_show(root: Path) -> object:
     env = dict(os.environ, DVC_NO_ANALYTICS="1")
-    dvc = Path(sys.executable).with_name("dvc")
-    command = [str(dvc) if dvc.exists() else "dvc", "exp", "show", "--json"]
+    command = _dvc_command("exp", "show", "--json")
     result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise CompareError(f"{' '.join(command)} failed: {result.stderr.strip()[-2000:]}")
@@ -123,6 +257,46 @@ def run_exp_show(root: Path) -> object:
         return json.loads(result.stdout)
     except json.JSONDecodeError as error:
         raise CompareError(f"{' '.join(command)}: output is not JSON ({error})") from error
+
+
+def run_dvc_status(root: Path) -> list[str] | None:
+    """Return the stages that ``dvc status`` reports as changed, in its order, or None when the command fails.
+
+    Stages whose only change is "always changed" are left out, because they are never up to date.
+    """
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    command = _dvc_command("status", "--json")
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+    status = None
+    if result.returncode == 0:
+        try:
+            status = json.loads(result.stdout)
+        except json.JSONDecodeError:
+            status = None
+    if not isinstance(status, dict):
+        output = (result.stderr.strip() or result.stdout.strip())[-500:]
+        log.warning("%s failed, so the workspace is checked by comparing its metrics files with the other rows: %s", " ".join(command), output)
+        return None
+    return [stage for stage, changes in status.items() if changes != ["always changed"]]
+
+
+def read_exp_show_file(path: Path) -> object:
+    """Read a saved ``dvc exp show --json`` output. Raises CompareError, naming the file and the problem."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise CompareError(f"{path}: cannot read the file ({error.strerror or error})") from error
+    if not raw.strip():
+        raise CompareError(f"{path}: the file is empty, expected the output of `dvc exp show --json`")
+    try:
+        # utf-8-sig also accepts the byte order mark that some editors and shells write.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise CompareError(f"{path}: not UTF-8 text (invalid byte 0x{raw[error.start]:02x} at offset {error.start})") from error
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CompareError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})") from error
 
 
 # ---------------------------------------------------------------- tables
@@ -181,8 +355,9 @@ def curves_from_metrics(metrics: dict) -> dict[tuple[str, str], dict[int, float]
     def walk(value: object, solver: str | None, nfe: int | None) -> None:
         if isinstance(value, list):
             for record in value:
-                if isinstance(record, dict) and "solver" in record and "nfe" in record:
-                    walk({k: v for k, v in record.items() if k not in ("solver", "nfe")}, str(record["solver"]), int(record["nfe"]))
+                # Records whose NFE is not a JSON integer are skipped.
+                if isinstance(record, dict) and "solver" in record and type(record.get("nfe")) is int:
+                    walk({k: v for k, v in record.items() if k not in ("solver", "nfe")}, str(record["solver"]), record["nfe"])
             return
         if not isinstance(value, dict):
             return
@@ -302,12 +477,45 @@ def plot_comparison(root: Path, rows: list[Experiment], out: Path, solver: str |
 # ---------------------------------------------------------------- the comparison document
 
 
-def build_markdown(rows: list[Experiment], figure: Path | None, panels: list[str], output: Path) -> str:
-    lines = ["# Comparison of experiments", ""]
-    lines += ["Generated by `make compare` (tools/compare.py) from `dvc exp show --json`: the workspace when it differs from every commit, each baseline commit and its experiments.", ""]
-    failed = [row for row in rows if row.error]
+def _changes_text(row: Experiment) -> str:
+    return ", ".join(row.changed_params) or "no parameter differs from its baseline commit"
+
+
+def left_out_lines(rows: list[Experiment]) -> list[str]:
+    """Return the markdown that lists the rows left out of the tables and the figure, by state."""
+    lines: list[str] = []
+    for row in rows:
+        if row.state == "outdated":
+            changes = f" ({_changes_text(row)})" if row.changed_params else ""
+            lines += [f"The workspace{changes} is left out: {row.error}. Run `dvc repro` to update its outputs, or `git checkout params.yaml reports` and `dvc checkout` to return to HEAD.", ""]
+
+    pending = [row for row in rows if row.state in PENDING_STATES]
+    if pending:
+        lines += ["Experiments that have not finished, left out until they do:", ""]
+        lines += [f"- {label(row)}, {row.state}: {_changes_text(row)}" for row in pending] + [""]
+
+    unreadable = [row for row in rows if row.state == "unreadable"]
+    if unreadable:
+        lines += ["Revisions that DVC could not read, left out:", ""]
+        lines += [f"- {label(row)}: {row.error}" for row in unreadable] + [""]
+
+    failed = [row for row in rows if row.state == "failed"]
     if failed:
-        lines += ["Experiments whose results DVC could not read:", ""] + [f"- {label(row)}: {row.error}" for row in failed] + [""]
+        lines += ["## Failed experiments", ""]
+        lines += ["These runs failed, so they have no results and are left out of the tables and the figure. `dvc queue logs NAME` prints a queued run's output.", ""]
+        lines += [f"- {label(row)}: {_changes_text(row)}" for row in failed] + [""]
+    return lines
+
+
+def build_markdown(rows: list[Experiment], figure: Path | None, panels: list[str], output: Path) -> str:
+    """Return the comparison document in markdown: the rows left out, then the parameter, metrics and NFE sections for the rest."""
+    lines = ["# Comparison of experiments", ""]
+    lines += ["Generated by `make compare` (tools/compare.py) from `dvc exp show --json`: the workspace when it differs from every commit and its outputs are up to date, each baseline commit and its experiments.", ""]
+    lines += left_out_lines(rows)
+    rows = [row for row in rows if row.state == SUCCESS]
+    if not rows:
+        lines += ["No commit or experiment has results to compare.", ""]
+        return "\n".join(lines).rstrip("\n") + "\n"
 
     names = differing_params(rows)
     lines += ["## Parameters that differ", ""]
@@ -336,7 +544,7 @@ def build_markdown(rows: list[Experiment], figure: Path | None, panels: list[str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", help="a saved `dvc exp show --json` output (default: run the command)")
+    parser.add_argument("--input", help="a saved `dvc exp show --json` output (default: run the command, and `dvc status` to check the workspace)")
     parser.add_argument("--root", default=".", help="repository root (default: the current directory)")
     parser.add_argument("--output", default="reports/comparison.md", help="markdown file to write, relative to the root")
     parser.add_argument("--figure", default="reports/figures/comparison_quality_vs_nfe.png", help="figure to write, relative to the root")
@@ -346,10 +554,20 @@ def main(argv: list[str] | None = None) -> int:
 
     root = Path(args.root)
     try:
-        exp_show = json.loads(Path(args.input).read_text(encoding="utf-8")) if args.input else run_exp_show(root)
-        rows = parse_exp_show(exp_show)
-    except (OSError, json.JSONDecodeError, CompareError) as error:
+        if args.input:
+            exp_show = read_exp_show_file(Path(args.input))
+            # A saved output can be older than the working tree, so dvc status does not apply to its workspace row.
+            outdated_stages = None
+        else:
+            exp_show = run_exp_show(root)
+            outdated_stages = run_dvc_status(root)
+    except CompareError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        rows = parse_exp_show(exp_show, outdated_stages)
+    except CompareError as error:
+        print(f"error: {args.input or 'dvc exp show --json'}: {error}", file=sys.stderr)
         return 2
     if not rows:
         print("error: dvc exp show listed no commit or experiment", file=sys.stderr)
@@ -357,11 +575,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from stages.common import write_text
 
+    compared = [row for row in rows if row.state == SUCCESS]
     figure = root / args.figure
-    panels = plot_comparison(root, rows, figure, args.solver)
+    panels = plot_comparison(root, compared, figure, args.solver)
     output = root / args.output
     write_text(output, build_markdown(rows, figure if panels else None, panels, output))
-    log.info("compared %d rows; wrote %s%s", len(rows), output, f" and {figure}" if panels else "")
+    left_out = len(rows) - len(compared)
+    left_out_text = f", left out {plural(left_out, 'row')} (failed, not finished, unreadable or outdated)" if left_out else ""
+    log.info("compared %s%s; wrote %s%s", plural(len(compared), "row"), left_out_text, output, f" and {figure}" if panels else "")
     return 0
 
 

@@ -4,12 +4,20 @@ Like ``dvc metrics diff``, it reads the committed files with ``git show REV:PATH
 metric is named ``<file stem>.<key path>`` (``moons.by_solver.rk4.nfe16.w2``) and gets a
 direction and a relative tolerance from the first matching rule of
 metrics_tolerances.yaml. The check fails (exit code 1) and prints a table of every
-metric that got worse beyond its tolerance. New and removed metrics, and changed values
-that are not numbers, are listed but do not fail it. Timing files (reports/timing/) are
-never compared, because wall-clock times vary between identical runs.
+metric that got worse beyond its tolerance. A metric that was finite at the revision and
+is NaN or infinite in the workspace counts as worse, unless its rule's direction is
+``ignore``. Removed metrics (at the revision, missing from the workspace, whole files
+included) also fail the check, because a stage that stops writing a metric is a
+regression. Pass ``--allow-removed`` when a removal is intended. New metrics, and changed
+values that are not numbers, are listed but do not fail it. Timing files
+(reports/timing/) are never compared, because wall-clock times vary between identical
+runs.
 
-Usage (from the repository root): ``python tools/metrics_check.py [--rev HEAD]``.
-Exit codes: 0 passed, 1 a metric got worse, 2 invalid input (tolerance file, JSON, git).
+Usage (from the repository root):
+``python tools/metrics_check.py [--rev HEAD] [--allow-removed]``.
+Exit codes: 0 passed, 1 a metric got worse or was removed, 2 invalid input (tolerance
+file, a metrics file that is not UTF-8 JSON, an unknown revision, a git failure). A
+repository with no commits at all passes, because there is nothing to compare against.
 """
 
 from __future__ import annotations
@@ -31,6 +39,10 @@ EXCLUDED_PREFIXES = ("reports/timing/",)
 
 class CheckError(Exception):
     """Invalid input: the tolerance file, a metrics file or the git revision."""
+
+
+class NoCommitsError(Exception):
+    """The repository has no commits at all, so there is no baseline to compare against."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +135,12 @@ def flatten(value: object, prefix: str) -> dict[str, object]:
     return flat
 
 
-def parse_metrics(text: str, source: str) -> dict:
+def parse_metrics(content: bytes, source: str) -> dict:
+    """Decode ``content`` as UTF-8 JSON (RFC 8259 requires UTF-8) and return its top-level object."""
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CheckError(f"{source}: not valid UTF-8 (byte 0x{content[error.start]:02x} at offset {error.start})") from error
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
@@ -143,27 +160,51 @@ def workspace_metrics(root: Path, pattern: str) -> dict[str, tuple[str, object]]
     for path in sorted(root.glob(pattern)):
         relative = path.relative_to(root).as_posix()
         if path.is_file() and is_included(relative, pattern):
-            data = parse_metrics(path.read_text(encoding="utf-8"), relative)
+            try:
+                content = path.read_bytes()
+            except OSError as error:
+                raise CheckError(f"{relative}: cannot read the metrics file ({error.strerror})") from error
+            data = parse_metrics(content, relative)
             metrics.update({name: (relative, value) for name, value in flatten(data, path.stem).items()})
     return metrics
 
 
-def git(root: Path, *args: str) -> str:
-    result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+def git_bytes(root: Path, *args: str) -> bytes:
+    """Run git in ``root`` and return its raw stdout, so that file contents are decoded by the caller."""
+    result = subprocess.run(["git", *args], cwd=root, capture_output=True)
     if result.returncode != 0:
-        raise CheckError(f"git {' '.join(args)} failed: {result.stderr.strip()}")
+        stderr = " ".join(result.stderr.decode("utf-8", errors="replace").split())
+        raise CheckError(f"git {' '.join(args)} failed: {stderr}")
     return result.stdout
 
 
-def committed_metrics(root: Path, rev: str, pattern: str) -> dict[str, tuple[str, object]] | None:
-    """Return the metrics committed at ``rev``, or None when the repository has no such revision yet."""
-    if subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=root, capture_output=True).returncode != 0:
-        git(root, "rev-parse", "--git-dir")  # raises CheckError outside a git repository
-        return None
+def git(root: Path, *args: str) -> str:
+    return git_bytes(root, *args).decode("utf-8", errors="surrogateescape")
+
+
+def resolve_commit(root: Path, rev: str) -> str:
+    """Return the commit id of ``rev``.
+
+    Raises NoCommitsError in a repository without any commit, and CheckError when ``rev``
+    names no commit or ``root`` is not in a git repository.
+    """
+    resolved = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}"], cwd=root, capture_output=True, text=True)
+    if resolved.returncode == 0:
+        return resolved.stdout.strip()
+    # Both calls raise CheckError outside a git repository.
+    git(root, "rev-parse", "--git-dir")
+    if not git(root, "rev-list", "-n", "1", "--all").strip():
+        raise NoCommitsError()
+    raise CheckError(f"--rev {rev}: no commit of that name in this repository (expected a branch, tag or commit id)")
+
+
+def committed_metrics(root: Path, rev: str, pattern: str) -> dict[str, tuple[str, object]]:
+    """Return the metrics committed at ``rev``. Raises NoCommitsError in a repository without commits."""
+    commit = resolve_commit(root, rev)
     metrics: dict[str, tuple[str, object]] = {}
-    for relative in sorted(git(root, "ls-tree", "-r", "--name-only", rev).splitlines()):
+    for relative in sorted(git(root, "ls-tree", "-r", "--name-only", commit).splitlines()):
         if is_included(relative, pattern):
-            data = parse_metrics(git(root, "show", f"{rev}:{relative}"), f"{rev}:{relative}")
+            data = parse_metrics(git_bytes(root, "show", f"{commit}:{relative}"), f"{rev}:{relative}")
             metrics.update({name: (relative, value) for name, value in flatten(data, PurePosixPath(relative).stem).items()})
     return metrics
 
@@ -176,7 +217,15 @@ def _is_number(value: object) -> bool:
 
 
 def is_worse(old: float, new: float, rule: Rule) -> bool:
-    """True when ``new`` is worse than ``old`` by more than the rule allows."""
+    """True when ``new`` is worse than ``old`` by more than the rule allows.
+
+    A NaN or infinite ``new`` after a finite ``old`` is worse in every direction except
+    ``ignore``: it means a failed computation, not an improvement.
+    """
+    if rule.direction == "ignore":
+        return False
+    if math.isfinite(old) and not math.isfinite(new):
+        return True
     allowed = max(rule.tolerance * abs(old), rule.abs_tolerance)
     if rule.direction == "lower":
         return new - old > allowed
@@ -229,6 +278,10 @@ def format_relative(change: Change) -> str:
     relative = change.relative
     if relative is None:
         return ""
+    if not math.isfinite(change.new):
+        return "not finite"
+    if math.isnan(relative):
+        return ""
     if math.isinf(relative):
         return "from 0"
     return f"{relative:+.2%}"
@@ -248,7 +301,11 @@ def change_table(changes: list[Change], rev: str) -> str:
     return table(["metric", "file", rev, "workspace", "change", "tolerance", "better", "rule"], rows)
 
 
-def report(result: Comparison, rev: str, verbose: bool) -> str:
+def fails(result: Comparison, allow_removed: bool) -> bool:
+    return bool(result.worse) or (bool(result.removed) and not allow_removed)
+
+
+def report(result: Comparison, rev: str, verbose: bool, allow_removed: bool) -> str:
     parts = [
         f"compared {result.compared} metrics: {len(result.worse)} worse beyond tolerance, "
         f"{len(result.changed)} changed within tolerance or improved, {len(result.new)} new, {len(result.removed)} removed"
@@ -262,9 +319,17 @@ def report(result: Comparison, rev: str, verbose: bool) -> str:
     if result.new:
         parts.append(f"New metrics, not at {rev} (reported only, do not fail the check):\n" + table(["metric", "file"], [list(item) for item in result.new]))
     if result.removed:
-        parts.append(f"Removed metrics, at {rev} but not in the workspace (reported only, do not fail the check):\n" + table(["metric", "file"], [list(item) for item in result.removed]))
-    if not result.worse:
-        parts.append("passed: no metric got worse beyond its tolerance")
+        removed_table = table(["metric", "file"], [list(item) for item in result.removed])
+        if allow_removed:
+            parts.append(f"Removed metrics, at {rev} but not in the workspace (allowed by --allow-removed):\n" + removed_table)
+        else:
+            parts.append(
+                f"FAILED: {len(result.removed)} metric(s) at {rev} are missing from the workspace. "
+                f"Rerun the stages that write them, or pass --allow-removed if the removal is intended:\n" + removed_table
+            )
+    if not fails(result, allow_removed):
+        removed = ", removals allowed by --allow-removed" if result.removed else ""
+        parts.append(f"passed: no metric got worse beyond its tolerance{removed}")
     return "\n\n".join(parts)
 
 
@@ -275,24 +340,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerances", default="metrics_tolerances.yaml", help="tolerance file, relative to the repository root (default: metrics_tolerances.yaml)")
     parser.add_argument("--root", default=".", help="repository root (default: the current directory)")
     parser.add_argument("--verbose", action="store_true", help="also list the metrics that changed within their tolerance or improved")
+    parser.add_argument(
+        "--allow-removed",
+        action="store_true",
+        help="pass although metrics at --rev are missing from the workspace, for an intended removal (they are still listed)",
+    )
     args = parser.parse_args(argv)
 
     root = Path(args.root)
+    no_commits = False
     try:
         rules = load_rules(root / args.tolerances)
-        old = committed_metrics(root, args.rev, args.metrics)
+        try:
+            old = committed_metrics(root, args.rev, args.metrics)
+        except NoCommitsError:
+            no_commits = True
         new = workspace_metrics(root, args.metrics)
     except CheckError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
     print(f"metrics check: {args.metrics} in the workspace against {args.rev}, tolerances from {args.tolerances}")
-    if old is None:
-        print(f"passed: the repository has no revision {args.rev} yet, so there is nothing to compare against")
+    if no_commits:
+        print("passed: the repository has no commits yet, so there is nothing to compare against")
         return 0
     result = compare(old, new, rules)
-    print(report(result, args.rev, args.verbose))
-    return 1 if result.worse else 0
+    print(report(result, args.rev, args.verbose, args.allow_removed))
+    return 1 if fails(result, args.allow_removed) else 0
 
 
 if __name__ == "__main__":
