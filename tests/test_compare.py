@@ -325,7 +325,12 @@ def test_main_missing_input_file(tmp_path, capsys):
 
 def json_paths(value: object, path: tuple = ()) -> list[tuple]:
     """Return the path of every node under ``value``, ``value`` itself excluded."""
-    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else []
+    if isinstance(value, dict):
+        children = value.items()
+    elif isinstance(value, list):
+        children = enumerate(value)
+    else:
+        children = []
     paths = []
     for key, child in children:
         paths += [(*path, key), *json_paths(child, (*path, key))]

@@ -185,9 +185,9 @@ def _mark_outdated(workspace: Experiment, rows: list[Experiment], outdated_stage
 
     ``outdated_stages`` comes from ``dvc status``. When it is None (a saved ``dvc exp show``
     output), the workspace is outdated when some other row has the same data in every
-    workspace metrics file, because the train, sample, evaluate and classifier stages
-    write their run time to a metrics file in reports/timing on every run. NOTE: that
-    check also hides a workspace whose new parameters reran only stages without metrics.
+    workspace metrics file. A rerun changes at least the run times that the train,
+    sample, evaluate and classifier stages write to reports/timing. NOTE: that check also
+    hides a workspace whose new parameters reran only stages without metrics.
     """
     if outdated_stages:
         stage_list = ", ".join(outdated_stages[:MAX_STAGES_SHOWN])
@@ -241,16 +241,19 @@ def parse_exp_show(exp_show: object, outdated_stages: list[str] | None = None) -
     return rows
 
 
-def _dvc_command(*arguments: str) -> list[str]:
-    """Return the command line of DVC from this Python's environment, or from PATH when it has none."""
+def run_dvc(root: Path, *arguments: str) -> tuple[list[str], subprocess.CompletedProcess]:
+    """Run DVC in ``root`` without usage analytics; return the command line and the finished process.
+
+    DVC comes from this Python's environment, or from PATH when the environment has none.
+    """
     dvc = Path(sys.executable).with_name("dvc")
-    return [str(dvc) if dvc.exists() else "dvc", *arguments]
+    command = [str(dvc) if dvc.exists() else "dvc", *arguments]
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    return command, subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
 
 
 def run_exp_show(root: Path) -> object:
-    env = dict(os.environ, DVC_NO_ANALYTICS="1")
-    command = _dvc_command("exp", "show", "--json")
-    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+    command, result = run_dvc(root, "exp", "show", "--json")
     if result.returncode != 0:
         raise CompareError(f"{' '.join(command)} failed: {result.stderr.strip()[-2000:]}")
     try:
@@ -264,9 +267,7 @@ def run_dvc_status(root: Path) -> list[str] | None:
 
     Stages whose only change is "always changed" are left out, because they are never up to date.
     """
-    env = dict(os.environ, DVC_NO_ANALYTICS="1")
-    command = _dvc_command("status", "--json")
-    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+    command, result = run_dvc(root, "status", "--json")
     status = None
     if result.returncode == 0:
         try:
